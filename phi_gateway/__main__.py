@@ -1,0 +1,3 @@
+from phi_gateway.cli import main
+
+main()

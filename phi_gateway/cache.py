@@ -1,0 +1,190 @@
+"""The shared async data-key cache in front of a ``KeyProvider``.
+
+Encrypt side: one data key per (master key, KMS context), reused until its age, use
+count or byte count runs out, so a burst of writes for one context costs one KMS call.
+Decrypt side: unwrapped keys by (master key, wrapped key, KMS context), so a list of
+100 records under one data key costs one KMS Decrypt. Both are LRU-bounded.
+
+Single-flight: concurrent misses for one key share one provider call, run as its own
+task so that a caller who goes away does not cancel it for the others. A failure
+reaches every waiter and is never cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+
+from phi_gateway.context import Context, context_digest, encode_context
+from phi_gateway.keys import DataKey, KeyProvider
+
+# NIST SP 800-38D: at most 2^32 invocations of GCM with random IVs under one key.
+GCM_RANDOM_IV_LIMIT = 2**32
+
+
+@dataclass
+class CacheStats:
+    """Counters for metrics; monotonic over the cache's life."""
+
+    encrypt_hits: int = 0
+    encrypt_misses: int = 0
+    decrypt_hits: int = 0
+    decrypt_misses: int = 0
+    generate_calls: int = 0
+    decrypt_calls: int = 0
+    evictions: int = 0  # dropped for capacity
+    expirations: int = 0  # dropped for age, uses or bytes
+
+    @property
+    def provider_calls(self) -> int:
+        return self.generate_calls + self.decrypt_calls
+
+
+class _Entry:
+    __slots__ = ("bytes", "created", "key", "uses")
+
+    def __init__(self, key: DataKey, created: float) -> None:
+        self.key = key
+        self.created = created
+        self.uses = 0
+        self.bytes = 0
+
+
+class DataKeyCache:
+    """Caches data keys from ``provider`` for ``ttl`` seconds; ``clock`` is injectable."""
+
+    def __init__(
+        self,
+        provider: KeyProvider,
+        *,
+        ttl: float = 300.0,
+        max_uses: int = 2**20,
+        max_bytes: int = 2**32,
+        capacity: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl <= 0:
+            raise ValueError("cache ttl must be positive.")
+        if not 1 <= max_uses <= GCM_RANDOM_IV_LIMIT:
+            raise ValueError("max_uses must be between 1 and 2**32 (NIST SP 800-38D).")
+        if max_bytes < 1 or capacity < 1:
+            raise ValueError("max_bytes and capacity must be at least 1.")
+        self.provider = provider
+        self.ttl = ttl
+        self.max_uses = max_uses
+        self.max_bytes = max_bytes
+        self.capacity = capacity
+        self.stats = CacheStats()
+        self._clock = clock
+        self._encrypt: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._decrypt: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._flights: dict[Hashable, asyncio.Task[DataKey]] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"DataKeyCache(ttl={self.ttl}, max_uses={self.max_uses}, capacity={self.capacity}, "
+            f"encrypt_entries={len(self._encrypt)}, decrypt_entries={len(self._decrypt)})"
+        )
+
+    def __len__(self) -> int:
+        return len(self._encrypt) + len(self._decrypt)
+
+    def clear(self) -> None:
+        self._encrypt.clear()
+        self._decrypt.clear()
+
+    async def encryption_key(
+        self, context: Context, *, master_key: str | None = None, uses: int = 1, nbytes: int = 0
+    ) -> DataKey:
+        """A data key for ``context`` with ``uses`` encryptions of ``nbytes`` reserved on it."""
+        if not 1 <= uses <= self.max_uses or not 0 <= nbytes <= self.max_bytes:
+            raise ValueError("one request may not reserve more than max_uses / max_bytes.")
+        master = master_key or self.provider.default_master_key
+        slot = ("encrypt", master, context_digest(context))
+        missed = False
+        while True:
+            entry = self._live(self._encrypt, slot)
+            if entry is not None:
+                if entry.uses + uses <= self.max_uses and entry.bytes + nbytes <= self.max_bytes:
+                    entry.uses += uses
+                    entry.bytes += nbytes
+                    if missed:
+                        self.stats.encrypt_misses += 1
+                    else:
+                        self.stats.encrypt_hits += 1
+                    return entry.key
+                self._drop(self._encrypt, slot)  # used up: the next caller makes a new one
+            missed = True
+            await self._fly(slot, lambda: self._generate(slot, master, context))
+
+    async def decryption_key(self, key_ref: str, wrapped: bytes, context: Context) -> DataKey:
+        """The unwrapped data key of a token, bound to the KMS ``context``."""
+        slot = self._decrypt_slot(key_ref, wrapped, context)
+        entry = self._live(self._decrypt, slot)
+        if entry is not None:
+            self.stats.decrypt_hits += 1
+            return entry.key
+        self.stats.decrypt_misses += 1
+        return await self._fly(slot, lambda: self._unwrap(slot, key_ref, wrapped, context))
+
+    @staticmethod
+    def _decrypt_slot(key_ref: str, wrapped: bytes, context: Context) -> Hashable:
+        digest = hashlib.sha256(encode_context({"key_ref": key_ref}))
+        digest.update(len(wrapped).to_bytes(4, "big"))
+        digest.update(wrapped)
+        digest.update(encode_context(context))
+        return ("decrypt", digest.digest())
+
+    def _live(self, table: OrderedDict[Hashable, _Entry], slot: Hashable) -> _Entry | None:
+        entry = table.get(slot)
+        if entry is None:
+            return None
+        if self._clock() - entry.created >= self.ttl:
+            self._drop(table, slot)
+            return None
+        table.move_to_end(slot)
+        return entry
+
+    def _drop(self, table: OrderedDict[Hashable, _Entry], slot: Hashable) -> None:
+        # Dropping the last reference frees the AES-GCM context; OpenSSL cleanses it.
+        if table.pop(slot, None) is not None:
+            self.stats.expirations += 1
+
+    def _store(self, table: OrderedDict[Hashable, _Entry], slot: Hashable, key: DataKey) -> None:
+        table[slot] = _Entry(key, self._clock())
+        table.move_to_end(slot)
+        while len(table) > self.capacity:
+            table.popitem(last=False)
+            self.stats.evictions += 1
+
+    async def _fly(self, slot: Hashable, call: Callable[[], Awaitable[DataKey]]) -> DataKey:
+        task = self._flights.get(slot)
+        if task is None:
+            task = asyncio.ensure_future(call())
+            self._flights[slot] = task
+            task.add_done_callback(lambda t: self._landed(slot, t))
+        return await asyncio.shield(task)
+
+    def _landed(self, slot: Hashable, task: asyncio.Task[DataKey]) -> None:
+        if self._flights.get(slot) is task:
+            del self._flights[slot]
+        if not task.cancelled():
+            task.exception()  # retrieved here so a flight nobody awaits any more is not logged
+
+    async def _generate(self, slot: Hashable, master: str, context: Context) -> DataKey:
+        self.stats.generate_calls += 1
+        key = await self.provider.generate_data_key(master, context)
+        self._store(self._encrypt, slot, key)
+        # What this process just wrote, it can read back without a Decrypt call.
+        self._store(self._decrypt, self._decrypt_slot(key.key_ref, key.wrapped, context), key)
+        return key
+
+    async def _unwrap(self, slot: Hashable, key_ref: str, wrapped: bytes, context: Context) -> DataKey:
+        self.stats.decrypt_calls += 1
+        key = await self.provider.decrypt_data_key(key_ref, wrapped, context)
+        self._store(self._decrypt, slot, key)
+        return key

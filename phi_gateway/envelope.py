@@ -1,0 +1,189 @@
+"""Envelope token v1: one JSON value, encrypted with AES-256-GCM under a wrapped data key.
+
+Byte layout and design notes: ``docs/envelope.md``. In short::
+
+    token  = "phi:" base64url(version ‖ algorithm ‖ key_ref ‖ wrapped_key ‖ IV ‖ ciphertext ‖ tag)
+    AAD    = version ‖ algorithm ‖ field path ‖ encryption context
+
+Version and algorithm are authenticated by GCM. The key reference and wrapped key are
+authenticated by the key service (a wrapped key opens only under its master key and KMS
+context), which is what lets ``rewrap`` replace them without touching the ciphertext.
+This module is synchronous, pure and does no I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from phi_gateway.aead import IV_BYTES, TAG_BYTES
+from phi_gateway.context import Context, encode_context
+from phi_gateway.exceptions import InvalidToken, ValueNotEncryptable
+from phi_gateway.keys import DataKey
+
+PREFIX = "phi:"
+VERSION = 1
+ALG_AES256_GCM_JSON = 1  # AES-256-GCM, 96-bit IV, 128-bit tag, payload is UTF-8 JSON text
+
+_SUITE = bytes((VERSION, ALG_AES256_GCM_JSON))
+_MAX_KEY_REF = 0xFF
+_MAX_WRAPPED = 0xFFFF
+_MAX_FIELD = 0xFFFF
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+# Refuse values orjson would silently change type of, instead of serializing them.
+_DUMPS_OPTIONS = (
+    orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Token:
+    """A parsed, not yet authenticated token."""
+
+    key_ref: str
+    wrapped_key: bytes
+    iv: bytes
+    sealed: bytes  # ciphertext ‖ tag
+    version: int = VERSION
+    algorithm: int = ALG_AES256_GCM_JSON
+
+    def __repr__(self) -> str:
+        return (
+            f"Token(version={self.version}, algorithm={self.algorithm}, key_ref={self.key_ref!r}, "
+            f"wrapped_key=<{len(self.wrapped_key)} bytes>, ciphertext=<{self.ciphertext_length} bytes>)"
+        )
+
+    @property
+    def ciphertext_length(self) -> int:
+        return len(self.sealed) - TAG_BYTES
+
+    def with_key(self, key_ref: str, wrapped_key: bytes) -> Token:
+        """The same ciphertext under a re-wrapped data key (see ``KeyProvider.rewrap``)."""
+        return Token(key_ref, wrapped_key, self.iv, self.sealed, self.version, self.algorithm)
+
+    def to_bytes(self) -> bytes:
+        ref = self.key_ref.encode("utf-8")
+        if not 1 <= len(ref) <= _MAX_KEY_REF:
+            raise ValueError("key reference must be 1 to 255 bytes of UTF-8.")
+        if not 1 <= len(self.wrapped_key) <= _MAX_WRAPPED:
+            raise ValueError("wrapped key must be 1 to 65535 bytes.")
+        return b"".join(
+            (
+                bytes((self.version, self.algorithm, len(ref))),
+                ref,
+                len(self.wrapped_key).to_bytes(2, "big"),
+                self.wrapped_key,
+                self.iv,
+                self.sealed,
+            )
+        )
+
+    def serialize(self) -> str:
+        return PREFIX + _b64encode(self.to_bytes())
+
+
+def _b64encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    """Strict base64url without padding: one canonical text per byte string."""
+    if not _BASE64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise InvalidToken()
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise InvalidToken() from None
+    if _b64encode(raw) != text:  # non-zero padding bits: another spelling of the same bytes
+        raise InvalidToken()
+    return raw
+
+
+def is_token(value: object) -> bool:
+    """Whether a JSON value looks like a token (it may still fail to parse or authenticate)."""
+    return isinstance(value, str) and value.startswith(PREFIX)
+
+
+def parse(text: str) -> Token:
+    """Parse a token's structure, rejecting unknown versions before any key is fetched."""
+    if not isinstance(text, str) or not text.startswith(PREFIX):
+        raise InvalidToken()
+    raw = _b64decode(text[len(PREFIX) :])
+    if len(raw) < 3 or raw[0] != VERSION or raw[1] != ALG_AES256_GCM_JSON:
+        raise InvalidToken()
+    ref_end = 3 + raw[2]
+    wrapped_end = ref_end + 2 + int.from_bytes(raw[ref_end : ref_end + 2], "big")
+    if raw[2] == 0 or wrapped_end == ref_end + 2:
+        raise InvalidToken()
+    # At least one byte of ciphertext: the shortest JSON text is one byte long.
+    if len(raw) < wrapped_end + IV_BYTES + 1 + TAG_BYTES:
+        raise InvalidToken()
+    try:
+        key_ref = raw[3:ref_end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidToken() from None
+    return Token(
+        key_ref=key_ref,
+        wrapped_key=raw[ref_end + 2 : wrapped_end],
+        iv=raw[wrapped_end : wrapped_end + IV_BYTES],
+        sealed=raw[wrapped_end + IV_BYTES :],
+    )
+
+
+def associated_data(context: Context, field: str) -> bytes:
+    """What GCM authenticates besides the ciphertext: suite, field path, context."""
+    raw_field = field.encode("utf-8")
+    if len(raw_field) > _MAX_FIELD:
+        raise ValueError("field path is too long.")
+    return _SUITE + len(raw_field).to_bytes(2, "big") + raw_field + encode_context(context)
+
+
+def _check_finite(value: Any) -> None:
+    # orjson writes NaN and ±Infinity as null: refuse them rather than change the value.
+    if type(value) is float:
+        if not math.isfinite(value):
+            raise ValueNotEncryptable("NaN and Infinity are not JSON values")
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_finite(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_finite(item)
+
+
+def serialize_value(value: Any) -> bytes:
+    """The exact JSON text of a value; refuses anything that would not round-trip."""
+    _check_finite(value)
+    try:
+        return orjson.dumps(value, option=_DUMPS_OPTIONS)
+    except TypeError:
+        raise ValueNotEncryptable(
+            f"value of type {type(value).__name__} is not plain JSON (or an integer beyond 64 bits)"
+        ) from None
+
+
+def _encrypt_from_parts(key: DataKey, value: Any, context: Context, field: str, iv: bytes) -> str:
+    """Deterministic core of ``encrypt``; only known-answer tests pass their own IV."""
+    sealed = key.aead.seal(iv, serialize_value(value), associated_data(context, field))
+    return Token(key.key_ref, key.wrapped, iv, sealed).serialize()
+
+
+def encrypt(key: DataKey, value: Any, *, context: Context, field: str) -> str:
+    """Encrypt one JSON value, bound to ``context`` and ``field``, into a token string."""
+    return _encrypt_from_parts(key, value, context, field, os.urandom(IV_BYTES))
+
+
+def decrypt(key: DataKey, token: Token, *, context: Context, field: str) -> Any:
+    """Authenticate and decrypt a parsed token with its unwrapped data key."""
+    plaintext = key.aead.open(token.iv, token.sealed, associated_data(context, field))
+    try:
+        return orjson.loads(plaintext)
+    except orjson.JSONDecodeError:
+        raise InvalidToken() from None

@@ -1,0 +1,60 @@
+"""The one exception tree of phi-gateway.
+
+    PHIGatewayError
+    ├── InvalidToken          a token did not parse or did not authenticate (opaque, no detail)
+    ├── KeyAccessError        a key could not be used: the request may succeed later or elsewhere
+    │   ├── UnknownMasterKey      the token names a master key this gateway is not configured for
+    │   ├── KeyAccessDenied       the key service refused (IAM, key policy, grant)
+    │   ├── KeyThrottled          the key service throttled us past the retry budget
+    │   └── KeyUnavailable        the key service is unreachable, timed out, or the key is disabled
+    ├── KeyringError          the local keyring file is missing, malformed or would be overwritten
+    └── ValueNotEncryptable   a value is not plain JSON (e.g. an integer beyond 64 bits)
+
+Errors from botocore/aiohttp are translated once, in ``kms.py``. No message in this
+tree ever carries plaintext, key bytes, an IV or a tag: messages are fixed strings
+or name only identifiers (key ids, file paths).
+"""
+
+from __future__ import annotations
+
+
+class PHIGatewayError(Exception):
+    """Base of every error phi-gateway raises on purpose."""
+
+
+class InvalidToken(PHIGatewayError):
+    """A token is malformed, truncated, tampered with, or bound to another context.
+
+    Deliberately carries no detail: which check failed is information an attacker could use.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("invalid token")
+
+
+class KeyAccessError(PHIGatewayError):
+    """A data or master key could not be used."""
+
+
+class UnknownMasterKey(KeyAccessError):
+    """The master key named by a token is not one this gateway may use."""
+
+
+class KeyAccessDenied(KeyAccessError):
+    """The key service denied the operation."""
+
+
+class KeyThrottled(KeyAccessError):
+    """The key service kept throttling after the configured retries."""
+
+
+class KeyUnavailable(KeyAccessError):
+    """The key service could not be reached in time, or the key is not usable now."""
+
+
+class KeyringError(PHIGatewayError):
+    """The local development keyring cannot be created or read."""
+
+
+class ValueNotEncryptable(PHIGatewayError):
+    """A value cannot be serialized as plain JSON, so it cannot round-trip exactly."""

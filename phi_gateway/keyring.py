@@ -1,0 +1,154 @@
+"""A local keyring file: master keys kept on disk, for development and the demo only.
+
+The file holds its master keys in the clear (base64url), so anyone who can read it can
+decrypt everything. It exists so the product runs with no cloud account; production
+uses ``kms.KmsKeyProvider``. The format is in ``docs/keyring.md``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import stat
+from pathlib import Path
+
+import orjson
+
+from phi_gateway.aead import IV_BYTES, KEY_BYTES, Aead
+from phi_gateway.context import Context, encode_context
+from phi_gateway.exceptions import InvalidToken, KeyringError, UnknownMasterKey
+from phi_gateway.keys import DataKey
+
+FORMAT = "phi-gateway/local-keyring"
+WARNING = "Development keyring: master keys are stored here in the clear. Not for production."
+_WRAP_VERSION = b"\x01"
+_WRAP_LABEL = b"phi-gateway/keyring/wrap/v1"
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def new_master_key_id() -> str:
+    return "local:" + secrets.token_hex(8)
+
+
+def create_keyring(path: str | os.PathLike[str]) -> str:
+    """Write a new keyring with one master key at ``path`` (mode 0600); return the key id.
+
+    Refuses to overwrite anything, including a dangling symlink.
+    """
+    key_id = new_master_key_id()
+    document = {
+        "format": FORMAT,
+        "version": 1,
+        "warning": WARNING,
+        "current": key_id,
+        "master_keys": {key_id: _b64(secrets.token_bytes(KEY_BYTES))},
+    }
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise KeyringError(f"refusing to overwrite existing file: {os.fspath(path)}") from None
+    except OSError as exc:
+        raise KeyringError(f"cannot create keyring {os.fspath(path)}: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return key_id
+
+
+class LocalKeyring:
+    """``KeyProvider`` over a keyring file. Data keys are wrapped with AES-256-GCM.
+
+    Wrapped form: ``0x01 ‖ IV (12) ‖ AES-GCM(master, data key) ‖ tag (16)`` = 61 bytes, with
+    the label, the master key id and the canonical context as associated data, so, as with
+    KMS, a wrapped key opens only under the context it was made for.
+    """
+
+    def __init__(self, master_keys: dict[str, bytes], current: str) -> None:
+        if current not in master_keys:
+            raise KeyringError("keyring's current key is not among its keys")
+        self._aeads = {kid: Aead(key) for kid, key in master_keys.items()}
+        self._current = current
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LocalKeyring:
+        name = os.fspath(path)
+        try:
+            info = os.stat(name)
+            raw = Path(name).read_bytes()
+        except OSError as exc:
+            raise KeyringError(f"cannot read keyring {name}: {exc.strerror}") from None
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            raise KeyringError(f"keyring {name} is readable by others; chmod 600 it")
+        try:
+            doc = orjson.loads(raw)
+            if doc.get("format") != FORMAT or doc.get("version") != 1:
+                raise ValueError
+            keys = {str(k): _unb64(v) for k, v in doc["master_keys"].items()}
+            current = str(doc["current"])
+            if any(not k.startswith("local:") or len(v) != KEY_BYTES for k, v in keys.items()):
+                raise ValueError
+        except (ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError):
+            raise KeyringError(f"keyring {name} is not a valid phi-gateway keyring") from None
+        return cls(keys, current)
+
+    def __repr__(self) -> str:
+        return f"LocalKeyring(master_keys={sorted(self._aeads)!r}, current={self._current!r})"
+
+    @property
+    def default_master_key(self) -> str:
+        return self._current
+
+    def _aead(self, key_ref: str) -> Aead:
+        try:
+            return self._aeads[key_ref]
+        except KeyError:
+            raise UnknownMasterKey("master key is not in this keyring") from None
+
+    @staticmethod
+    def _aad(key_ref: str, context: Context) -> bytes:
+        return _WRAP_LABEL + encode_context({"master_key": key_ref}) + encode_context(context)
+
+    def _wrap(self, key_ref: str, plaintext: bytes | bytearray, context: Context) -> bytes:
+        iv = secrets.token_bytes(IV_BYTES)
+        sealed = self._aead(key_ref).seal(iv, bytes(plaintext), self._aad(key_ref, context))
+        return _WRAP_VERSION + iv + sealed
+
+    def _unwrap(self, key_ref: str, wrapped: bytes, context: Context) -> bytearray:
+        aead = self._aead(key_ref)
+        if wrapped[:1] != _WRAP_VERSION:
+            raise InvalidToken()
+        iv, sealed = wrapped[1 : 1 + IV_BYTES], wrapped[1 + IV_BYTES :]
+        return bytearray(aead.open(iv, sealed, self._aad(key_ref, context)))
+
+    async def generate_data_key(self, master_key: str, context: Context) -> DataKey:
+        plaintext = bytearray(secrets.token_bytes(KEY_BYTES))
+        wrapped = self._wrap(master_key, plaintext, context)
+        return DataKey(master_key, wrapped, plaintext)
+
+    async def decrypt_data_key(self, key_ref: str, wrapped: bytes, context: Context) -> DataKey:
+        return DataKey(key_ref, wrapped, self._unwrap(key_ref, wrapped, context))
+
+    async def rewrap(
+        self,
+        key_ref: str,
+        wrapped: bytes,
+        context: Context,
+        *,
+        master_key: str,
+        new_context: Context | None = None,
+    ) -> tuple[str, bytes]:
+        plaintext = self._unwrap(key_ref, wrapped, context)
+        try:
+            target = context if new_context is None else new_context
+            return master_key, self._wrap(master_key, plaintext, target)
+        finally:
+            plaintext[:] = bytes(len(plaintext))
