@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
@@ -67,8 +68,8 @@ class DataKeyCache:
         capacity: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if ttl <= 0:
-            raise ValueError("cache ttl must be positive.")
+        if not (0 < ttl < math.inf):
+            raise ValueError("cache ttl must be a positive number of seconds.")
         if not 1 <= max_uses <= GCM_RANDOM_IV_LIMIT:
             raise ValueError("max_uses must be between 1 and 2**32 (NIST SP 800-38D).")
         if max_bytes < 1 or capacity < 1:
@@ -82,7 +83,8 @@ class DataKeyCache:
         self._clock = clock
         self._encrypt: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._decrypt: OrderedDict[Hashable, _Entry] = OrderedDict()
-        self._flights: dict[Hashable, asyncio.Task[DataKey]] = {}
+        self._flights: dict[Hashable, asyncio.Task[_Entry]] = {}
+        self._generation = 0
 
     def __repr__(self) -> str:
         return (
@@ -94,6 +96,8 @@ class DataKeyCache:
         return len(self._encrypt) + len(self._decrypt)
 
     def clear(self) -> None:
+        """Forget every key; keys still being fetched are not stored when they arrive."""
+        self._generation += 1
         self._encrypt.clear()
         self._decrypt.clear()
 
@@ -103,33 +107,44 @@ class DataKeyCache:
         """A data key for ``context`` with ``uses`` encryptions of ``nbytes`` reserved on it."""
         if not 1 <= uses <= self.max_uses or not 0 <= nbytes <= self.max_bytes:
             raise ValueError("one request may not reserve more than max_uses / max_bytes.")
+        context = dict(context)  # the caller's mapping may change while we wait
         master = master_key or self.provider.default_master_key
         slot = ("encrypt", master, context_digest(context))
-        missed = False
+        entry = self._live(self._encrypt, slot)
+        if entry is not None and self._reserve(entry, uses, nbytes):
+            self.stats.encrypt_hits += 1
+            return entry.key
+        self.stats.encrypt_misses += 1
         while True:
-            entry = self._live(self._encrypt, slot)
-            if entry is not None:
-                if entry.uses + uses <= self.max_uses and entry.bytes + nbytes <= self.max_bytes:
-                    entry.uses += uses
-                    entry.bytes += nbytes
-                    if missed:
-                        self.stats.encrypt_misses += 1
-                    else:
-                        self.stats.encrypt_hits += 1
-                    return entry.key
-                self._drop(self._encrypt, slot)  # used up: the next caller makes a new one
-            missed = True
-            await self._fly(slot, lambda: self._generate(slot, master, context))
+            # Reserve on the entry this flight made, even if it has since been evicted or aged:
+            # looking it up again could miss it and call KMS once more, without end.
+            entry = await self._fly(
+                slot, lambda generation: self._generate(slot, master, context, generation)
+            )
+            if self._reserve(entry, uses, nbytes):
+                return entry.key
+            # Others used this fresh key up first; each round serves at least one caller.
 
     async def decryption_key(self, key_ref: str, wrapped: bytes, context: Context) -> DataKey:
         """The unwrapped data key of a token, bound to the KMS ``context``."""
+        context = dict(context)
         slot = self._decrypt_slot(key_ref, wrapped, context)
         entry = self._live(self._decrypt, slot)
         if entry is not None:
             self.stats.decrypt_hits += 1
             return entry.key
         self.stats.decrypt_misses += 1
-        return await self._fly(slot, lambda: self._unwrap(slot, key_ref, wrapped, context))
+        entry = await self._fly(
+            slot, lambda generation: self._unwrap(slot, key_ref, wrapped, context, generation)
+        )
+        return entry.key
+
+    def _reserve(self, entry: _Entry, uses: int, nbytes: int) -> bool:
+        if entry.uses + uses > self.max_uses or entry.bytes + nbytes > self.max_bytes:
+            return False
+        entry.uses += uses
+        entry.bytes += nbytes
+        return True
 
     @staticmethod
     def _decrypt_slot(key_ref: str, wrapped: bytes, context: Context) -> Hashable:
@@ -146,6 +161,9 @@ class DataKeyCache:
         if self._clock() - entry.created >= self.ttl:
             self._drop(table, slot)
             return None
+        if table is self._encrypt and (entry.uses >= self.max_uses or entry.bytes >= self.max_bytes):
+            self._drop(table, slot)  # used up: the next caller makes a new one
+            return None
         table.move_to_end(slot)
         return entry
 
@@ -154,37 +172,43 @@ class DataKeyCache:
         if table.pop(slot, None) is not None:
             self.stats.expirations += 1
 
-    def _store(self, table: OrderedDict[Hashable, _Entry], slot: Hashable, key: DataKey) -> None:
-        table[slot] = _Entry(key, self._clock())
+    def _store(self, table: OrderedDict[Hashable, _Entry], slot: Hashable, entry: _Entry) -> None:
+        table[slot] = entry
         table.move_to_end(slot)
         while len(table) > self.capacity:
             table.popitem(last=False)
             self.stats.evictions += 1
 
-    async def _fly(self, slot: Hashable, call: Callable[[], Awaitable[DataKey]]) -> DataKey:
+    async def _fly(self, slot: Hashable, call: Callable[[int], Awaitable[_Entry]]) -> _Entry:
         task = self._flights.get(slot)
         if task is None:
-            task = asyncio.ensure_future(call())
+            task = asyncio.ensure_future(call(self._generation))
             self._flights[slot] = task
             task.add_done_callback(lambda t: self._landed(slot, t))
         return await asyncio.shield(task)
 
-    def _landed(self, slot: Hashable, task: asyncio.Task[DataKey]) -> None:
+    def _landed(self, slot: Hashable, task: asyncio.Task[_Entry]) -> None:
         if self._flights.get(slot) is task:
             del self._flights[slot]
         if not task.cancelled():
             task.exception()  # retrieved here so a flight nobody awaits any more is not logged
 
-    async def _generate(self, slot: Hashable, master: str, context: Context) -> DataKey:
+    async def _generate(self, slot: Hashable, master: str, context: Context, generation: int) -> _Entry:
         self.stats.generate_calls += 1
         key = await self.provider.generate_data_key(master, context)
-        self._store(self._encrypt, slot, key)
-        # What this process just wrote, it can read back without a Decrypt call.
-        self._store(self._decrypt, self._decrypt_slot(key.key_ref, key.wrapped, context), key)
-        return key
+        entry = _Entry(key, self._clock())
+        if generation == self._generation:
+            self._store(self._encrypt, slot, entry)
+            # What this process just wrote, it can read back without a Decrypt call.
+            readback = _Entry(key, entry.created)
+            self._store(self._decrypt, self._decrypt_slot(key.key_ref, key.wrapped, context), readback)
+        return entry
 
-    async def _unwrap(self, slot: Hashable, key_ref: str, wrapped: bytes, context: Context) -> DataKey:
+    async def _unwrap(
+        self, slot: Hashable, key_ref: str, wrapped: bytes, context: Context, generation: int
+    ) -> _Entry:
         self.stats.decrypt_calls += 1
-        key = await self.provider.decrypt_data_key(key_ref, wrapped, context)
-        self._store(self._decrypt, slot, key)
-        return key
+        entry = _Entry(await self.provider.decrypt_data_key(key_ref, wrapped, context), self._clock())
+        if generation == self._generation:
+            self._store(self._decrypt, slot, entry)
+        return entry

@@ -69,24 +69,20 @@ class Token:
         return Token(key_ref, wrapped_key, self.iv, self.sealed, self.version, self.algorithm)
 
     def to_bytes(self) -> bytes:
-        ref = self.key_ref.encode("utf-8")
-        if not 1 <= len(ref) <= _MAX_KEY_REF:
-            raise ValueError("key reference must be 1 to 255 bytes of UTF-8.")
-        if not 1 <= len(self.wrapped_key) <= _MAX_WRAPPED:
-            raise ValueError("wrapped key must be 1 to 65535 bytes.")
-        return b"".join(
-            (
-                bytes((self.version, self.algorithm, len(ref))),
-                ref,
-                len(self.wrapped_key).to_bytes(2, "big"),
-                self.wrapped_key,
-                self.iv,
-                self.sealed,
-            )
-        )
+        return key_header(self.key_ref, self.wrapped_key) + self.iv + self.sealed
 
     def serialize(self) -> str:
         return PREFIX + _b64encode(self.to_bytes())
+
+
+def key_header(key_ref: str, wrapped_key: bytes) -> bytes:
+    """Everything before the IV: version, algorithm, key reference, wrapped key."""
+    ref = key_ref.encode("utf-8")
+    if not 1 <= len(ref) <= _MAX_KEY_REF:
+        raise ValueError("key reference must be 1 to 255 bytes of UTF-8.")
+    if not 1 <= len(wrapped_key) <= _MAX_WRAPPED:
+        raise ValueError("wrapped key must be 1 to 65535 bytes.")
+    return _SUITE + bytes((len(ref),)) + ref + len(wrapped_key).to_bytes(2, "big") + wrapped_key
 
 
 def _b64encode(raw: bytes) -> str:
@@ -137,42 +133,62 @@ def parse(text: str) -> Token:
     )
 
 
-def associated_data(context: Context, field: str) -> bytes:
-    """What GCM authenticates besides the ciphertext: suite, field path, context."""
+def field_prefix(field: str) -> bytes:
+    """The first part of the associated data: suite and field path (constant per field)."""
     raw_field = field.encode("utf-8")
     if len(raw_field) > _MAX_FIELD:
         raise ValueError("field path is too long.")
-    return _SUITE + len(raw_field).to_bytes(2, "big") + raw_field + encode_context(context)
+    return _SUITE + len(raw_field).to_bytes(2, "big") + raw_field
 
 
-def _check_finite(value: Any) -> None:
-    # orjson writes NaN and ±Infinity as null: refuse them rather than change the value.
-    if type(value) is float:
-        if not math.isfinite(value):
-            raise ValueNotEncryptable("NaN and Infinity are not JSON values")
-    elif isinstance(value, dict):
-        for item in value.values():
-            _check_finite(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_finite(item)
+def associated_data(context: Context, field: str) -> bytes:
+    """What GCM authenticates besides the ciphertext: suite, field path, context."""
+    return field_prefix(field) + encode_context(context)
+
+
+def _check_plain_json(value: Any) -> None:
+    """Refuse anything orjson would write as another type (tuple → array, NaN → null, Enum,
+    UUID, dataclass ...). Iterative, so deep nesting cannot exhaust the Python stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is str or kind is int or kind is bool or item is None:
+            continue
+        if kind is float:
+            if not math.isfinite(item):
+                raise ValueNotEncryptable("NaN and Infinity are not JSON values")
+        elif kind is dict:
+            if any(type(k) is not str for k in item):
+                raise ValueNotEncryptable("object keys must be strings")
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+        else:
+            raise ValueNotEncryptable(f"a {kind.__name__} is not a plain JSON value")
 
 
 def serialize_value(value: Any) -> bytes:
     """The exact JSON text of a value; refuses anything that would not round-trip."""
-    _check_finite(value)
+    _check_plain_json(value)
     try:
-        return orjson.dumps(value, option=_DUMPS_OPTIONS)
-    except TypeError:
-        raise ValueNotEncryptable(
-            f"value of type {type(value).__name__} is not plain JSON (or an integer beyond 64 bits)"
-        ) from None
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        raise ValueNotEncryptable("integer beyond 64 bits, or nesting too deep") from None
+
+
+def seal(key: DataKey, header: bytes, plaintext: bytes, aad: bytes, iv: bytes) -> str:
+    """The token for already serialized parts; the document engine's per-field fast path.
+
+    ``header`` is ``key_header(key.key_ref, key.wrapped)``, computed once per data key.
+    """
+    return PREFIX + _b64encode(header + iv + key.aead.seal(iv, plaintext, aad))
 
 
 def _encrypt_from_parts(key: DataKey, value: Any, context: Context, field: str, iv: bytes) -> str:
     """Deterministic core of ``encrypt``; only known-answer tests pass their own IV."""
-    sealed = key.aead.seal(iv, serialize_value(value), associated_data(context, field))
-    return Token(key.key_ref, key.wrapped, iv, sealed).serialize()
+    header = key_header(key.key_ref, key.wrapped)
+    return seal(key, header, serialize_value(value), associated_data(context, field), iv)
 
 
 def encrypt(key: DataKey, value: Any, *, context: Context, field: str) -> str:
@@ -180,10 +196,14 @@ def encrypt(key: DataKey, value: Any, *, context: Context, field: str) -> str:
     return _encrypt_from_parts(key, value, context, field, os.urandom(IV_BYTES))
 
 
-def decrypt(key: DataKey, token: Token, *, context: Context, field: str) -> Any:
-    """Authenticate and decrypt a parsed token with its unwrapped data key."""
-    plaintext = key.aead.open(token.iv, token.sealed, associated_data(context, field))
+def load_value(plaintext: bytes) -> Any:
+    """The JSON value of an authenticated payload."""
     try:
         return orjson.loads(plaintext)
     except orjson.JSONDecodeError:
         raise InvalidToken() from None
+
+
+def decrypt(key: DataKey, token: Token, *, context: Context, field: str) -> Any:
+    """Authenticate and decrypt a parsed token with its unwrapped data key."""
+    return load_value(key.aead.open(token.iv, token.sealed, associated_data(context, field)))

@@ -8,6 +8,9 @@
     │   ├── KeyThrottled          the key service throttled us past the retry budget
     │   └── KeyUnavailable        the key service is unreachable, timed out, or the key is disabled
     ├── KeyringError          the local keyring file is missing, malformed or would be overwritten
+    ├── PepperError           the blind-index pepper is missing, malformed or too short
+    ├── PolicyError           policy files do not load: every problem, as file:line: message
+    ├── DocumentError         a body cannot be transformed under its policy (has a stable ``code``)
     └── ValueNotEncryptable   a value is not plain JSON (e.g. an integer beyond 64 bits)
 
 Errors from botocore/aiohttp are translated once, in ``kms.py``. No message in this
@@ -16,6 +19,8 @@ or name only identifiers (key ids, file paths).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 class PHIGatewayError(Exception):
@@ -54,6 +59,29 @@ class KeyUnavailable(KeyAccessError):
 
 class KeyringError(PHIGatewayError):
     """The local development keyring cannot be created or read."""
+
+
+class PepperError(PHIGatewayError):
+    """The blind-index pepper cannot be created, read or used."""
+
+
+class PolicyError(PHIGatewayError):
+    """Policy files failed to load; ``problems`` lists each as ``file:line: message``."""
+
+    def __init__(self, problems: Sequence[object]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(map(str, self.problems)))
+
+
+class DocumentError(PHIGatewayError):
+    """A JSON body or query does not fit its policy. ``code`` is stable, for API error bodies.
+
+    Messages name fields and context entries, never values.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
 
 
 class ValueNotEncryptable(PHIGatewayError):

@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import os
 import secrets
-import stat
-from pathlib import Path
 
 import orjson
 
@@ -19,6 +17,7 @@ from phi_gateway.aead import IV_BYTES, KEY_BYTES, Aead
 from phi_gateway.context import Context, encode_context
 from phi_gateway.exceptions import InvalidToken, KeyringError, UnknownMasterKey
 from phi_gateway.keys import DataKey
+from phi_gateway.secretfile import create_private_file, read_private_file
 
 FORMAT = "phi-gateway/local-keyring"
 WARNING = "Development keyring: master keys are stored here in the clear. Not for production."
@@ -52,15 +51,9 @@ def create_keyring(path: str | os.PathLike[str]) -> str:
         "master_keys": {key_id: _b64(secrets.token_bytes(KEY_BYTES))},
     }
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        raise KeyringError(f"refusing to overwrite existing file: {os.fspath(path)}") from None
+        create_private_file(path, orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n", "keyring")
     except OSError as exc:
-        raise KeyringError(f"cannot create keyring {os.fspath(path)}: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
+        raise KeyringError(str(exc)) from None
     return key_id
 
 
@@ -82,12 +75,9 @@ class LocalKeyring:
     def load(cls, path: str | os.PathLike[str]) -> LocalKeyring:
         name = os.fspath(path)
         try:
-            info = os.stat(name)
-            raw = Path(name).read_bytes()
+            raw = read_private_file(name, "keyring")
         except OSError as exc:
-            raise KeyringError(f"cannot read keyring {name}: {exc.strerror}") from None
-        if stat.S_IMODE(info.st_mode) & 0o077:
-            raise KeyringError(f"keyring {name} is readable by others; chmod 600 it")
+            raise KeyringError(str(exc)) from None
         try:
             doc = orjson.loads(raw)
             if doc.get("format") != FORMAT or doc.get("version") != 1:

@@ -16,9 +16,11 @@ from phi_gateway.context import Context
 class DataKey:
     """A plaintext data key, ready to use, with its wrapped form and master key reference.
 
-    The plaintext is handed to the AES-GCM context once and then zeroed (a ``bytearray``
-    argument is taken over and zeroed too), so the only copy we hold lives inside OpenSSL,
-    which cleanses it when the key is dropped. ``repr`` and ``str`` never show key material.
+    The plaintext is handed to the AES-GCM context once and our buffer is zeroed (a
+    ``bytearray`` argument is taken over and zeroed too), so the copy we keep lives inside
+    OpenSSL, which cleanses it when the key is dropped. Immutable ``bytes`` passed in (as
+    botocore returns them) cannot be zeroed by Python: callers drop them at once.
+    ``repr`` and ``str`` never show key material.
     """
 
     __slots__ = ("aead", "key_ref", "wrapped")

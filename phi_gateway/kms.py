@@ -7,6 +7,7 @@ retry mode (bounded by ``max_attempts``); we do not stack a second retry loop on
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 import aioboto3
 import aiohttp
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from phi_gateway.context import Context
 from phi_gateway.exceptions import (
@@ -28,10 +29,20 @@ from phi_gateway.exceptions import (
 )
 from phi_gateway.keys import DataKey
 
-_THROTTLED = {"ThrottlingException", "LimitExceededException", "RequestLimitExceeded"}
-_DENIED = {"AccessDeniedException", "UnrecognizedClientException", "InvalidSignatureException"}
-# The wrapped key does not open under this key and context: for a token, that is tampering.
-_INVALID = {"InvalidCiphertextException", "IncorrectKeyException", "InvalidKeyUsageException"}
+_THROTTLED = {"ThrottlingException"}
+_DENIED = {
+    "AccessDeniedException",
+    "UnrecognizedClientException",
+    "InvalidSignatureException",
+    "ExpiredTokenException",
+}
+# On Decrypt/ReEncrypt: the wrapped key does not open under this key and context, which for
+# a token means tampering. On any other operation these are configuration errors.
+_INVALID = {"InvalidCiphertextException", "IncorrectKeyException"}
+_UNWRAPPING = {"Decrypt", "ReEncrypt"}
+# KMS refuses CiphertextBlob over 6144 bytes; a longer "wrapped key" is a forged token, and
+# sending it would turn an attacker's input into a KMS error that looks like an outage.
+MAX_WRAPPED_KEY = 6144
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,12 +55,16 @@ class KmsSettings:
     connect_timeout: float = 2.0
     read_timeout: float = 5.0
     max_attempts: int = 4  # in all, the first try included
+    deadline: float = 10.0  # for one operation, its retries and backoff included
 
     def __post_init__(self) -> None:
-        if self.connect_timeout <= 0 or self.read_timeout <= 0:
-            raise ValueError("KMS timeouts must be positive.")
+        if not (self.connect_timeout > 0 and self.read_timeout > 0 and self.deadline > 0):
+            raise ValueError("KMS timeouts and deadline must be positive.")
         if not 1 <= self.max_attempts <= 10:
             raise ValueError("KMS max_attempts must be between 1 and 10.")
+        if self.use_fips_endpoint and self.endpoint_url and "fips" not in self.endpoint_url:
+            # botocore silently prefers endpoint_url over the FIPS switch.
+            raise ValueError("use_fips_endpoint with an endpoint_url needs a FIPS endpoint URL.")
 
     def botocore_config(self) -> Config:
         return Config(
@@ -61,18 +76,29 @@ class KmsSettings:
         )
 
 
-def _translate(exc: Exception, operation: str) -> Exception:
-    """Map a botocore/aiohttp error to the project's tree. Messages name only the operation."""
+def _translate(exc: BaseException, operation: str) -> Exception:
+    """Map a botocore/aiohttp error to the project's tree. Messages name only the operation
+    and AWS's error code: botocore's own messages can repeat request parameters."""
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         if code in _THROTTLED:
             return KeyThrottled(f"KMS {operation} throttled after retries")
         if code in _DENIED:
             return KeyAccessDenied(f"KMS {operation} denied ({code})")
-        if code in _INVALID:
+        if code in _INVALID and operation in _UNWRAPPING:
             return InvalidToken()
         return KeyUnavailable(f"KMS {operation} failed ({code or 'unknown error'})")
+    if isinstance(exc, NoCredentialsError):
+        return KeyAccessDenied(f"KMS {operation}: no AWS credentials")
+    if isinstance(exc, TimeoutError):
+        return KeyUnavailable(f"KMS {operation} did not finish within its deadline")
     return KeyUnavailable(f"KMS {operation} unreachable ({type(exc).__name__})")
+
+
+def _check_context(context: Context) -> dict[str, str]:
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in context.items()):
+        raise TypeError("encryption context keys and values must be strings")
+    return dict(context)
 
 
 class KmsKeyProvider:
@@ -100,6 +126,7 @@ class KmsKeyProvider:
         self._client: Any = None
         self._arns: dict[str, str] = {}  # configured id/alias/ARN -> key ARN
         self._allowed: frozenset[str] = frozenset()
+        self._starting = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"KmsKeyProvider(master_keys={list(self._configured)!r})"
@@ -112,8 +139,11 @@ class KmsKeyProvider:
         await self.close()
 
     async def start(self) -> None:
-        if self._client is not None:
-            return
+        async with self._starting:
+            if self._client is None:
+                await self._start()
+
+    async def _start(self) -> None:
         stack = AsyncExitStack()
         try:
             self._client = await stack.enter_async_context(
@@ -160,27 +190,31 @@ class KmsKeyProvider:
         if self._client is None:
             raise KeyUnavailable("KMS provider is not started")
         try:
-            yield
+            async with asyncio.timeout(self._settings.deadline):
+                yield
         except (ClientError, BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
-            raise _translate(exc, operation) from exc
+            raise _translate(exc, operation) from None
 
     async def generate_data_key(self, master_key: str, context: Context) -> DataKey:
         arn = self._resolve(master_key)
+        context = _check_context(context)
         async with self._calling("GenerateDataKey"):
             resp = await self._client.generate_data_key(
-                KeyId=arn, KeySpec="AES_256", EncryptionContext=dict(context)
+                KeyId=arn, KeySpec="AES_256", EncryptionContext=context
             )
         return DataKey(resp["KeyId"], resp["CiphertextBlob"], resp.pop("Plaintext"))
 
     async def decrypt_data_key(self, key_ref: str, wrapped: bytes, context: Context) -> DataKey:
         arn = self._resolve(key_ref)
+        context = _check_context(context)
+        if not 1 <= len(wrapped) <= MAX_WRAPPED_KEY:
+            raise InvalidToken()
         async with self._calling("Decrypt"):
-            resp = await self._client.decrypt(
-                CiphertextBlob=wrapped, KeyId=arn, EncryptionContext=dict(context)
-            )
-        if resp.get("KeyId") != arn:  # KMS already pins; refuse a response that disagrees
+            resp = await self._client.decrypt(CiphertextBlob=wrapped, KeyId=arn, EncryptionContext=context)
+        plaintext = resp.pop("Plaintext")
+        if resp.get("KeyId") != arn:  # KMS already pins KeyId; refuse a response that disagrees
             raise KeyAccessError("KMS Decrypt answered for another key")
-        return DataKey(arn, wrapped, resp.pop("Plaintext"))
+        return DataKey(arn, wrapped, plaintext)
 
     async def rewrap(
         self,
@@ -192,12 +226,14 @@ class KmsKeyProvider:
         new_context: Context | None = None,
     ) -> tuple[str, bytes]:
         source, destination = self._resolve(key_ref), self._resolve(master_key)
+        if not 1 <= len(wrapped) <= MAX_WRAPPED_KEY:
+            raise InvalidToken()
         async with self._calling("ReEncrypt"):
             resp = await self._client.re_encrypt(
                 CiphertextBlob=wrapped,
                 SourceKeyId=source,
-                SourceEncryptionContext=dict(context),
+                SourceEncryptionContext=_check_context(context),
                 DestinationKeyId=destination,
-                DestinationEncryptionContext=dict(context if new_context is None else new_context),
+                DestinationEncryptionContext=_check_context(context if new_context is None else new_context),
             )
         return resp["KeyId"], resp["CiphertextBlob"]

@@ -10,7 +10,7 @@ import pytest
 from phi_gateway import envelope
 from phi_gateway.cache import DataKeyCache
 from phi_gateway.context import Context
-from phi_gateway.exceptions import InvalidToken, KeyAccessError, KeyUnavailable
+from phi_gateway.exceptions import InvalidToken, KeyUnavailable
 from phi_gateway.keys import DataKey, KeyProvider
 from phi_gateway.kms import KmsKeyProvider
 
@@ -179,7 +179,7 @@ async def test_keys_this_process_made_are_read_back_without_a_decrypt_call(count
 async def test_decrypt_side_is_keyed_by_context_too(counting: Counting) -> None:
     cache = DataKeyCache(counting)
     key = await cache.encryption_key(CONTEXT)
-    with pytest.raises((InvalidToken, KeyAccessError)):
+    with pytest.raises(InvalidToken):
         await cache.decryption_key(key.key_ref, key.wrapped, {**CONTEXT, "ResourceId": "other"})
     assert counting.decrypted == 1
 
@@ -196,7 +196,72 @@ async def test_decrypt_side_ttl(counting: Counting) -> None:
     assert counting.decrypted == 2 and reader.stats.decrypt_hits == 1
 
 
+async def test_more_contexts_in_flight_than_capacity_still_one_call_each(keyring: KeyProvider) -> None:
+    counting = Counting(keyring)
+    cache = DataKeyCache(counting, capacity=10)
+    contexts = [{"ResourceId": str(i)} for i in range(200)]
+    keys = await asyncio.gather(*(cache.encryption_key(c) for c in contexts for _ in range(3)))
+    assert counting.generated == 200
+    assert all(keys[3 * i] is keys[3 * i + 2] for i in range(200))
+    assert len(cache) <= 20
+
+
+async def test_a_key_made_for_waiters_serves_them_even_if_it_aged_meanwhile(keyring: KeyProvider) -> None:
+    clock = Clock()
+    counting = Counting(keyring)
+    counting.gate = asyncio.Event()
+    cache = DataKeyCache(counting, ttl=0.001, clock=clock)
+    waiters = [asyncio.create_task(cache.encryption_key(CONTEXT)) for _ in range(50)]
+    await asyncio.sleep(0)
+    clock.now += 10  # every waiter wakes after the key's TTL
+    counting.gate.set()
+    keys = await asyncio.gather(*waiters)
+    assert counting.generated == 1 and len({id(k) for k in keys}) == 1
+
+
+async def test_clear_during_a_fetch_does_not_store_its_result(counting: Counting) -> None:
+    cache = DataKeyCache(counting)
+    counting.gate = asyncio.Event()
+    waiter = asyncio.create_task(cache.encryption_key(CONTEXT))
+    await asyncio.sleep(0)
+    cache.clear()
+    counting.gate.set()
+    first = await waiter
+    assert len(cache) == 0
+    assert await cache.encryption_key(CONTEXT) is not first
+
+
+async def test_context_changed_by_the_caller_during_the_wait_does_not_leak_in(counting: Counting) -> None:
+    cache = DataKeyCache(counting)
+    counting.gate = asyncio.Event()
+    context = dict(CONTEXT)
+    waiter = asyncio.create_task(cache.encryption_key(context))
+    await asyncio.sleep(0)
+    context["ResourceId"] = "patient-999"
+    counting.gate.set()
+    key = await waiter
+    # The key must open under the context that was asked for, not the mutated one.
+    await counting.inner.decrypt_data_key(key.key_ref, key.wrapped, CONTEXT)
+
+
+async def test_failure_after_every_waiter_left_is_not_cached(counting: Counting) -> None:
+    cache = DataKeyCache(counting)
+    counting.gate = asyncio.Event()
+    counting.fail_next = 1
+    waiters = [asyncio.create_task(cache.encryption_key(CONTEXT)) for _ in range(5)]
+    await asyncio.sleep(0)
+    for waiter in waiters:
+        waiter.cancel()
+    counting.gate.set()
+    await asyncio.sleep(0.01)
+    assert len(cache) == 0
+    assert isinstance(await cache.encryption_key(CONTEXT), DataKey)
+    assert counting.generated == 2
+
+
 def test_limits_are_checked_up_front(keyring: KeyProvider) -> None:
+    with pytest.raises(ValueError, match="ttl"):
+        DataKeyCache(keyring, ttl=float("nan"))
     with pytest.raises(ValueError, match="800-38D"):
         DataKeyCache(keyring, max_uses=2**32 + 1)
     with pytest.raises(ValueError, match="ttl"):

@@ -12,7 +12,7 @@ from phi_gateway import envelope
 from phi_gateway.context import Pseudonymizer
 from phi_gateway.exceptions import (
     InvalidToken,
-    KeyAccessError,
+    KeyAccessDenied,
     KeyThrottled,
     KeyUnavailable,
     UnknownMasterKey,
@@ -33,8 +33,23 @@ async def test_generate_and_decrypt_a_data_key(kms: KmsKeyProvider, kms_key: str
 
 async def test_wrapped_key_is_bound_to_the_kms_context(kms: KmsKeyProvider, kms_key: str) -> None:
     key = await kms.generate_data_key(kms_key, CONTEXT)
-    with pytest.raises(InvalidToken):
+    with pytest.raises(InvalidToken) as failure:
         await kms.decrypt_data_key(key.key_ref, key.wrapped, {**CONTEXT, "ResourceId": "patient-124"})
+    # Opaque all the way down: no chained KMS error says which check failed.
+    assert failure.value.__cause__ is None and failure.value.__suppress_context__
+
+
+async def test_oversized_wrapped_key_is_refused_before_any_kms_call(
+    kms: KmsKeyProvider, kms_key: str
+) -> None:
+    with pytest.raises(InvalidToken):
+        await kms.decrypt_data_key(kms_key, b"x" * 6145, CONTEXT)
+
+
+async def test_context_values_must_be_strings_and_are_never_echoed(kms: KmsKeyProvider, kms_key: str) -> None:
+    with pytest.raises(TypeError) as failure:
+        await kms.generate_data_key(kms_key, {"ResourceId": 987654321})  # type: ignore[dict-item]
+    assert "987654321" not in str(failure.value)
 
 
 async def test_alias_is_resolved_and_tokens_carry_the_arn(
@@ -66,7 +81,9 @@ async def test_decrypt_pins_the_key_id_named_in_the_token(
 ) -> None:
     async with KmsKeyProvider([kms_key, other_kms_key], kms_settings) as kms:
         key = await kms.generate_data_key(kms_key, CONTEXT)
-        with pytest.raises((InvalidToken, KeyAccessError)):
+        # KeyAccessDenied is KMS (moto) refusing the pinned KeyId; without the pin, moto would
+        # decrypt and our response check would raise a plain KeyAccessError instead.
+        with pytest.raises(KeyAccessDenied):
             await kms.decrypt_data_key(other_kms_key, key.wrapped, CONTEXT)
 
 
@@ -115,6 +132,9 @@ async def test_fips_switch_selects_the_fips_endpoint() -> None:
 def test_settings_refuse_nonsense() -> None:
     with pytest.raises(ValueError, match="timeouts"):
         KmsSettings(read_timeout=0)
+    with pytest.raises(ValueError, match="FIPS endpoint URL"):
+        KmsSettings(use_fips_endpoint=True, endpoint_url="https://kms.us-west-2.amazonaws.com")
+    KmsSettings(use_fips_endpoint=True, endpoint_url="https://kms-fips.us-west-2.amazonaws.com")
     with pytest.raises(ValueError, match="max_attempts"):
         KmsSettings(max_attempts=0)
     with pytest.raises(ValueError, match="master key"):
@@ -144,11 +164,11 @@ async def test_silent_kms_times_out_as_key_unavailable() -> None:
 
     async for url in _serve(hang):
         settings = KmsSettings(endpoint_url=url, read_timeout=0.3, connect_timeout=0.3, max_attempts=1)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         with pytest.raises(KeyUnavailable):
-            await KmsKeyProvider(["arn:aws:kms:us-east-1:111122223333:key/x"], settings).start()
-        assert loop.time() - started < 10  # bounded by our timeout, not botocore's 60 s default
+            # Our 0.3 s read timeout must fire long before botocore's 60 s default would.
+            await asyncio.wait_for(
+                KmsKeyProvider(["arn:aws:kms:us-east-1:111122223333:key/x"], settings).start(), 30
+            )
 
 
 async def test_throttling_is_retried_a_bounded_number_of_times() -> None:
