@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
+from phi_gateway.aws import AwsSettings
 from phi_gateway.cache import CacheStats, DataKeyCache
 from phi_gateway.context import Pseudonymizer, encode_context
 from phi_gateway.envelope import Token, decrypt, encrypt, is_token, parse
 from phi_gateway.exceptions import (
+    DocumentError,
     InvalidToken,
     KeyAccessDenied,
     KeyAccessError,
     KeyringError,
     KeyThrottled,
     KeyUnavailable,
+    PepperError,
     PHIGatewayError,
+    PolicyError,
     UnknownMasterKey,
     ValueNotEncryptable,
 )
 from phi_gateway.keyring import LocalKeyring, create_keyring
 from phi_gateway.keys import DataKey, KeyProvider
-from phi_gateway.kms import KmsKeyProvider, KmsSettings
+from phi_gateway.kms import KmsKeyProvider
+from phi_gateway.pepper import Pepper
+from phi_gateway.policy import PolicySet, load_policies
+from phi_gateway.transform import Scope, decrypt_response, encrypt_request, rewrite_query
 
 __all__ = [
+    "AwsSettings",
     "CacheStats",
     "DataKey",
     "DataKeyCache",
+    "DocumentError",
     "InvalidToken",
     "KeyAccessDenied",
     "KeyAccessError",
@@ -32,17 +41,25 @@ __all__ = [
     "KeyUnavailable",
     "KeyringError",
     "KmsKeyProvider",
-    "KmsSettings",
     "LocalKeyring",
     "PHIGatewayError",
+    "Pepper",
+    "PepperError",
+    "PolicyError",
+    "PolicySet",
     "Pseudonymizer",
+    "Scope",
     "Token",
     "UnknownMasterKey",
     "ValueNotEncryptable",
     "create_keyring",
     "decrypt",
+    "decrypt_response",
     "encode_context",
     "encrypt",
+    "encrypt_request",
     "is_token",
+    "load_policies",
     "parse",
+    "rewrite_query",
 ]

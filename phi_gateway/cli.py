@@ -5,121 +5,129 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
 import orjson
 
 from phi_gateway import envelope
+from phi_gateway.aws import AwsSettings
 from phi_gateway.cache import DataKeyCache
 from phi_gateway.exceptions import PHIGatewayError
 from phi_gateway.jsonvalue import loads_strict
 from phi_gateway.keyring import LocalKeyring, create_keyring
 from phi_gateway.keys import KeyProvider
-from phi_gateway.kms import KmsKeyProvider, KmsSettings
+from phi_gateway.kms import KmsKeyProvider
+from phi_gateway.pepper import Pepper, create_pepper_file
+from phi_gateway.policy import POLICY_CONTEXT_KEY
 
 T = TypeVar("T")
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
     click.echo(f"phi-gateway: error: {message}", err=True)
     sys.exit(1)
 
 
-def _run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine; any project error becomes one line on stderr and exit status 1."""
+def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine; a project error or a value the library refused becomes one line on
+    stderr and exit status 1. Our messages never carry plaintext, so they are safe to print."""
     try:
         return asyncio.run(main())
-    except PHIGatewayError as exc:
-        _fail(str(exc))
+    except (PHIGatewayError, ValueError, TypeError) as exc:
+        fail(str(exc) if isinstance(exc, PHIGatewayError) else f"{type(exc).__name__}: {exc}")
         raise AssertionError("unreachable") from None
 
 
-def _parse_context(items: Sequence[str]) -> dict[str, str]:
-    context: dict[str, str] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise click.BadParameter(
-                f"expected NAME=VALUE, got {name or '(empty)'!r}", param_hint="--context"
-            )
-        if name in context:
-            raise click.BadParameter(f"{name!r} given twice", param_hint="--context")
-        context[name] = value
-    return context
+@dataclass(frozen=True, kw_only=True)
+class KeySource:
+    """The key and context options shared by ``encrypt`` and ``decrypt``."""
+
+    keyring: str | None
+    kms_key_ids: tuple[str, ...]
+    region: str
+    endpoint_url: str | None
+    fips: bool
+    context_items: tuple[str, ...]
+    field: str
+    policy: str | None
+    pseudonymize: tuple[str, ...]
+    pepper: str | None
+
+    def contexts(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(exact context for the token's associated data, the context KMS sees)."""
+        exact: dict[str, str] = {}
+        for item in self.context_items:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise click.BadParameter("expected NAME=VALUE", param_hint="--context")
+            if name in exact:
+                raise click.BadParameter(f"{name!r} given twice", param_hint="--context")
+            exact[name] = value
+        if self.policy:
+            exact[POLICY_CONTEXT_KEY] = self.policy  # as the gateway binds its tokens
+        if not self.pseudonymize:
+            return exact, dict(exact)
+        if not (self.pepper and self.policy):
+            raise click.UsageError("--pseudonymize needs --pepper and --policy")
+        pseudonyms = Pepper.load(self.pepper).pseudonymizer(self.policy)
+        return exact, pseudonyms.kms_context(exact, self.pseudonymize)
+
+    @asynccontextmanager
+    async def provider(self) -> AsyncIterator[KeyProvider]:
+        if bool(self.keyring) == bool(self.kms_key_ids):
+            raise click.UsageError("give exactly one key source: --keyring PATH or --kms-key-id ID")
+        if self.keyring:
+            yield LocalKeyring.load(self.keyring)
+            return
+        settings = AwsSettings(
+            region=self.region, endpoint_url=self.endpoint_url, use_fips_endpoint=self.fips
+        )
+        async with KmsKeyProvider(self.kms_key_ids, settings) as kms:
+            yield kms
+
+
+_KEY_SOURCE_OPTIONS = [
+    click.option("--keyring", envvar="PHI_GATEWAY_KEYRING", type=click.Path(dir_okay=False),
+                 help="Local development keyring file (not for production)."),
+    click.option("--kms-key-id", "kms_key_ids", envvar="PHI_GATEWAY_KMS_KEY_ID", multiple=True,
+                 help="KMS key ARN, id or alias; repeat to also accept older keys (first is current)."),
+    click.option("--region", envvar=["PHI_GATEWAY_KMS_REGION", "AWS_REGION"], default="us-east-1",
+                 show_default=True, help="AWS region of the KMS keys."),
+    click.option("--endpoint-url", envvar="PHI_GATEWAY_KMS_ENDPOINT_URL",
+                 help="Override the KMS endpoint (e.g. a local test server)."),
+    click.option("--fips/--no-fips", envvar="PHI_GATEWAY_KMS_FIPS", default=False,
+                 help="Use the FIPS 140 validated KMS endpoint."),
+    click.option("--context", "context_items", multiple=True, metavar="NAME=VALUE",
+                 help="Encryption context entry; repeat for several. Must match to decrypt."),
+    click.option("--field", default="$", show_default=True,
+                 help="Field path the value belongs to; bound into the token."),
+    click.option("--policy", help="Policy name, bound into the token as the gateway does."),
+    click.option("--pseudonymize", multiple=True, metavar="NAME",
+                 help="Context entry that KMS (and so CloudTrail) sees only as a keyed pseudonym."),
+    click.option("--pepper", envvar="PHI_GATEWAY_PEPPER", type=click.Path(dir_okay=False),
+                 help="Pepper file (docs/pepper.md) for --pseudonymize."),
+]  # fmt: skip
 
 
 def key_source_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Where data keys come from: a local keyring file, or AWS KMS master keys."""
-    options = [
-        click.option(
-            "--keyring",
-            "keyring_path",
-            envvar="PHI_GATEWAY_KEYRING",
-            type=click.Path(dir_okay=False),
-            help="Local development keyring file (not for production).",
-        ),
-        click.option(
-            "--kms-key-id",
-            "kms_key_ids",
-            envvar="PHI_GATEWAY_KMS_KEY_ID",
-            multiple=True,
-            help="KMS key ARN, id or alias; repeat to also accept older keys (first is current).",
-        ),
-        click.option(
-            "--region",
-            envvar=["PHI_GATEWAY_KMS_REGION", "AWS_REGION"],
-            default="us-east-1",
-            show_default=True,
-            help="AWS region of the KMS keys.",
-        ),
-        click.option(
-            "--endpoint-url",
-            envvar="PHI_GATEWAY_KMS_ENDPOINT_URL",
-            help="Override the KMS endpoint (e.g. a local test server).",
-        ),
-        click.option(
-            "--fips/--no-fips",
-            envvar="PHI_GATEWAY_KMS_FIPS",
-            default=False,
-            help="Use the FIPS 140 validated KMS endpoint.",
-        ),
-        click.option(
-            "--context",
-            "context_items",
-            multiple=True,
-            metavar="NAME=VALUE",
-            help="Encryption context entry; repeat for several. Must match to decrypt.",
-        ),
-        click.option(
-            "--field",
-            default="$",
-            show_default=True,
-            help="Field path the value belongs to; bound into the token.",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    """Adds the key source options; the command receives them as one ``KeySource``."""
+
+    def wrapper(**options: Any) -> Any:
+        names = set(KeySource.__dataclass_fields__)
+        source = KeySource(**{k: v for k, v in options.items() if k in names})
+        return command(source, **{k: v for k, v in options.items() if k not in names})
+
+    wrapper.__name__, wrapper.__doc__ = command.__name__, command.__doc__
+    for option in reversed(_KEY_SOURCE_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
 
 
-@asynccontextmanager
-async def _provider(
-    keyring_path: str | None, kms_key_ids: Sequence[str], region: str, endpoint_url: str | None, fips: bool
-) -> AsyncIterator[KeyProvider]:
-    if bool(keyring_path) == bool(kms_key_ids):
-        raise click.UsageError("give exactly one key source: --keyring PATH or --kms-key-id ID")
-    if keyring_path:
-        yield LocalKeyring.load(keyring_path)
-        return
-    settings = KmsSettings(region=region, endpoint_url=endpoint_url, use_fips_endpoint=fips)
-    async with KmsKeyProvider(kms_key_ids, settings) as kms:
-        yield kms
-
-
-def _read_stdin() -> bytes:
+def read_stdin() -> bytes:
     return sys.stdin.buffer.read()
 
 
@@ -141,67 +149,66 @@ def keys_init(path: str) -> None:
     try:
         key_id = create_keyring(path)
     except PHIGatewayError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     click.echo(f"created {path} with master key {key_id}")
     click.echo("note: a local keyring keeps its master key in the file; use AWS KMS in production", err=True)
 
 
+@main.group()
+def pepper() -> None:
+    """Manage local blind-index peppers."""
+
+
+@pepper.command("init")
+@click.argument("path", type=click.Path(dir_okay=False))
+def pepper_init(path: str) -> None:
+    """Create a new pepper file at PATH (mode 0600; never overwrites)."""
+    try:
+        create_pepper_file(path)
+    except PHIGatewayError as exc:
+        fail(str(exc))
+    click.echo(f"created {path}")
+
+
 @main.command()
 @key_source_options
-def encrypt(
-    keyring_path: str | None,
-    kms_key_ids: tuple[str, ...],
-    region: str,
-    endpoint_url: str | None,
-    fips: bool,
-    context_items: tuple[str, ...],
-    field: str,
-) -> None:
+def encrypt(source: KeySource) -> None:
     """Encrypt one JSON value read from stdin; print its token."""
-    context = _parse_context(context_items)
+    exact, kms_context = source.contexts()
 
-    async def run() -> str:
-        value = loads_strict(_read_stdin())
-        async with _provider(keyring_path, kms_key_ids, region, endpoint_url, fips) as provider:
-            key = await DataKeyCache(provider).encryption_key(context)
-            return envelope.encrypt(key, value, context=context, field=field)
+    async def go() -> str:
+        value = loads_strict(read_stdin())
+        async with source.provider() as provider:
+            key = await DataKeyCache(provider).encryption_key(kms_context)
+            return envelope.encrypt(key, value, context=exact, field=source.field)
 
-    click.echo(_run(run))
+    click.echo(run(go))
 
 
 @main.command()
 @key_source_options
-def decrypt(
-    keyring_path: str | None,
-    kms_key_ids: tuple[str, ...],
-    region: str,
-    endpoint_url: str | None,
-    fips: bool,
-    context_items: tuple[str, ...],
-    field: str,
-) -> None:
+def decrypt(source: KeySource) -> None:
     """Decrypt a token read from stdin; print its JSON value."""
-    context = _parse_context(context_items)
+    exact, kms_context = source.contexts()
 
-    async def run() -> bytes:
-        token = envelope.parse(_read_stdin().decode("ascii", "replace").strip())
-        async with _provider(keyring_path, kms_key_ids, region, endpoint_url, fips) as provider:
-            key = await DataKeyCache(provider).decryption_key(token.key_ref, token.wrapped_key, context)
-            return orjson.dumps(envelope.decrypt(key, token, context=context, field=field))
+    async def go() -> bytes:
+        token = envelope.parse(read_stdin().decode("ascii", "replace").strip())
+        async with source.provider() as provider:
+            key = await DataKeyCache(provider).decryption_key(token.key_ref, token.wrapped_key, kms_context)
+            return orjson.dumps(envelope.decrypt(key, token, context=exact, field=source.field))
 
-    output = _run(run)
-    sys.stdout.buffer.write(output + b"\n")
+    sys.stdout.buffer.write(run(go) + b"\n")
 
 
 @main.command()
 @click.argument("token", default="-")
 def inspect(token: str) -> None:
     """Show a token's header (TOKEN or '-' for stdin). Never decrypts, never shows IV or tag."""
-    text = _read_stdin().decode("ascii", "replace").strip() if token == "-" else token  # noqa: S105
+    text = read_stdin().decode("ascii", "replace").strip() if token == "-" else token  # noqa: S105
     try:
         parsed = envelope.parse(text)
     except PHIGatewayError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     fields = {
         "version": parsed.version,
         "algorithm": "AES-256-GCM (96-bit IV, 128-bit tag), JSON payload",
@@ -212,3 +219,9 @@ def inspect(token: str) -> None:
         "token_chars": len(text),
     }
     click.echo(orjson.dumps(fields, option=orjson.OPT_INDENT_2).decode())
+
+
+# Last, because the policy commands use the helpers above.
+from phi_gateway.cli_policy import policy  # noqa: E402
+
+main.add_command(policy)

@@ -10,6 +10,7 @@
     ├── KeyringError          the local keyring file is missing, malformed or would be overwritten
     ├── PepperError           the blind-index pepper is missing, malformed or too short
     ├── PolicyError           policy files do not load: every problem, as file:line: message
+    ├── InvalidPath           a JSONPath expression does not parse (also a ValueError)
     ├── DocumentError         a body cannot be transformed under its policy (has a stable ``code``)
     └── ValueNotEncryptable   a value is not plain JSON (e.g. an integer beyond 64 bits)
 

@@ -1,8 +1,6 @@
 """AWS KMS as a ``KeyProvider``, through one long-lived aioboto3 client.
 
-Every botocore/aiohttp error is translated here, once, into the project's tree.
-Retries with exponential backoff and jitter on throttling are botocore's ``standard``
-retry mode (bounded by ``max_attempts``); we do not stack a second retry loop on top.
+Settings, retries and error translation are the AWS boundary's (``aws.py``).
 """
 
 from __future__ import annotations
@@ -10,89 +8,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import aioboto3
-import aiohttp
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
+from phi_gateway.aws import AwsSettings, calling
 from phi_gateway.context import Context
-from phi_gateway.exceptions import (
-    InvalidToken,
-    KeyAccessDenied,
-    KeyAccessError,
-    KeyThrottled,
-    KeyUnavailable,
-    UnknownMasterKey,
-)
+from phi_gateway.exceptions import InvalidToken, KeyAccessError, KeyUnavailable, UnknownMasterKey
 from phi_gateway.keys import DataKey
 
-_THROTTLED = {"ThrottlingException"}
-_DENIED = {
-    "AccessDeniedException",
-    "UnrecognizedClientException",
-    "InvalidSignatureException",
-    "ExpiredTokenException",
-}
-# On Decrypt/ReEncrypt: the wrapped key does not open under this key and context, which for
-# a token means tampering. On any other operation these are configuration errors.
-_INVALID = {"InvalidCiphertextException", "IncorrectKeyException"}
-_UNWRAPPING = {"Decrypt", "ReEncrypt"}
 # KMS refuses CiphertextBlob over 6144 bytes; a longer "wrapped key" is a forged token, and
 # sending it would turn an attacker's input into a KMS error that looks like an outage.
 MAX_WRAPPED_KEY = 6144
-
-
-@dataclass(frozen=True, kw_only=True)
-class KmsSettings:
-    """How to reach KMS. ``endpoint_url`` overrides the regional (or FIPS) endpoint."""
-
-    region: str = "us-east-1"
-    endpoint_url: str | None = None
-    use_fips_endpoint: bool = False
-    connect_timeout: float = 2.0
-    read_timeout: float = 5.0
-    max_attempts: int = 4  # in all, the first try included
-    deadline: float = 10.0  # for one operation, its retries and backoff included
-
-    def __post_init__(self) -> None:
-        if not (self.connect_timeout > 0 and self.read_timeout > 0 and self.deadline > 0):
-            raise ValueError("KMS timeouts and deadline must be positive.")
-        if not 1 <= self.max_attempts <= 10:
-            raise ValueError("KMS max_attempts must be between 1 and 10.")
-        if self.use_fips_endpoint and self.endpoint_url and "fips" not in self.endpoint_url:
-            # botocore silently prefers endpoint_url over the FIPS switch.
-            raise ValueError("use_fips_endpoint with an endpoint_url needs a FIPS endpoint URL.")
-
-    def botocore_config(self) -> Config:
-        return Config(
-            region_name=self.region,
-            use_fips_endpoint=self.use_fips_endpoint,
-            connect_timeout=self.connect_timeout,
-            read_timeout=self.read_timeout,
-            retries={"mode": "standard", "total_max_attempts": self.max_attempts},
-        )
-
-
-def _translate(exc: BaseException, operation: str) -> Exception:
-    """Map a botocore/aiohttp error to the project's tree. Messages name only the operation
-    and AWS's error code: botocore's own messages can repeat request parameters."""
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in _THROTTLED:
-            return KeyThrottled(f"KMS {operation} throttled after retries")
-        if code in _DENIED:
-            return KeyAccessDenied(f"KMS {operation} denied ({code})")
-        if code in _INVALID and operation in _UNWRAPPING:
-            return InvalidToken()
-        return KeyUnavailable(f"KMS {operation} failed ({code or 'unknown error'})")
-    if isinstance(exc, NoCredentialsError):
-        return KeyAccessDenied(f"KMS {operation}: no AWS credentials")
-    if isinstance(exc, TimeoutError):
-        return KeyUnavailable(f"KMS {operation} did not finish within its deadline")
-    return KeyUnavailable(f"KMS {operation} unreachable ({type(exc).__name__})")
 
 
 def _check_context(context: Context) -> dict[str, str]:
@@ -113,14 +40,14 @@ class KmsKeyProvider:
     def __init__(
         self,
         master_keys: Sequence[str],
-        settings: KmsSettings | None = None,
+        settings: AwsSettings | None = None,
         *,
         session: aioboto3.Session | None = None,
     ) -> None:
         if not master_keys:
             raise ValueError("KmsKeyProvider needs at least one master key.")
         self._configured = tuple(master_keys)
-        self._settings = settings or KmsSettings()
+        self._settings = settings or AwsSettings()
         self._session = session or aioboto3.Session()
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
@@ -189,11 +116,8 @@ class KmsKeyProvider:
     async def _calling(self, operation: str) -> AsyncIterator[None]:
         if self._client is None:
             raise KeyUnavailable("KMS provider is not started")
-        try:
-            async with asyncio.timeout(self._settings.deadline):
-                yield
-        except (ClientError, BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
-            raise _translate(exc, operation) from None
+        async with calling("KMS", operation, self._settings):
+            yield
 
     async def generate_data_key(self, master_key: str, context: Context) -> DataKey:
         arn = self._resolve(master_key)

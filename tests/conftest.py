@@ -11,8 +11,9 @@ import aioboto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+from phi_gateway.aws import AwsSettings
 from phi_gateway.keyring import LocalKeyring, create_keyring
-from phi_gateway.kms import KmsKeyProvider, KmsSettings
+from phi_gateway.kms import KmsKeyProvider
 
 REGION = "us-east-1"
 
@@ -45,8 +46,8 @@ def moto_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def kms_settings(moto_url: str) -> KmsSettings:
-    return KmsSettings(
+def kms_settings(moto_url: str) -> AwsSettings:
+    return AwsSettings(
         region=REGION, endpoint_url=moto_url, connect_timeout=1, read_timeout=2, max_attempts=2
     )
 
@@ -69,7 +70,7 @@ async def other_kms_key(moto_url: str) -> str:
 
 
 @pytest.fixture
-async def kms(kms_key: str, kms_settings: KmsSettings) -> AsyncIterator[KmsKeyProvider]:
+async def kms(kms_key: str, kms_settings: AwsSettings) -> AsyncIterator[KmsKeyProvider]:
     async with KmsKeyProvider([kms_key], kms_settings) as provider:
         yield provider
 

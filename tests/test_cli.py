@@ -145,3 +145,46 @@ def test_inspect_shows_the_header_and_never_decrypts(keyring_path: Path) -> None
         assert CANARY not in done.stdout and "iv" not in header and "tag" not in header
     broken = cli("inspect", token.replace("phi:AQ", "phi:Ag", 1))  # version byte 2
     assert broken.returncode == 1 and broken.stderr.strip() == "phi-gateway: error: invalid token"
+
+
+def test_pseudonymized_context_round_trips_and_kms_never_sees_the_patient(
+    tmp_path: Path, kms_key: str, moto_url: str
+) -> None:
+    pepper = tmp_path / "pepper.json"
+    assert cli("pepper", "init", str(pepper)).returncode == 0
+    env = {
+        "PHI_GATEWAY_KMS_KEY_ID": kms_key,
+        "PHI_GATEWAY_KMS_ENDPOINT_URL": moto_url,
+        "PHI_GATEWAY_PEPPER": str(pepper),
+    }
+    args = [
+        "--context",
+        "ResourceId=p-777",
+        "--policy",
+        "patients",
+        "--pseudonymize",
+        "ResourceId",
+        "--field",
+        "$.x",
+    ]
+    done = cli("encrypt", *args, stdin='"123-45-6789"', env=env)
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    back = cli("decrypt", *args, stdin=token, env=env)
+    assert back.returncode == 0 and json.loads(back.stdout) == "123-45-6789"
+    plain = cli(
+        "decrypt",
+        "--context",
+        "ResourceId=p-777",
+        "--policy",
+        "patients",
+        "--field",
+        "$.x",
+        stdin=token,
+        env=env,
+    )
+    assert plain.returncode == 1 and "invalid token" in plain.stderr  # KMS context was the pseudonym
+    missing = cli(
+        "encrypt", "--context", "ResourceId=p-777", "--pseudonymize", "ResourceId", stdin="1", env=env
+    )
+    assert missing.returncode == 2 and "--pepper and --policy" in missing.stderr

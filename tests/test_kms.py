@@ -9,6 +9,7 @@ import aioboto3
 import pytest
 
 from phi_gateway import envelope
+from phi_gateway.aws import AwsSettings
 from phi_gateway.context import Pseudonymizer
 from phi_gateway.exceptions import (
     InvalidToken,
@@ -17,7 +18,7 @@ from phi_gateway.exceptions import (
     KeyUnavailable,
     UnknownMasterKey,
 )
-from phi_gateway.kms import KmsKeyProvider, KmsSettings
+from phi_gateway.kms import KmsKeyProvider
 from tests.conftest import REGION
 
 CONTEXT = {"ResourceId": "patient-123", "Purpose": "PHI_Storage"}
@@ -53,7 +54,7 @@ async def test_context_values_must_be_strings_and_are_never_echoed(kms: KmsKeyPr
 
 
 async def test_alias_is_resolved_and_tokens_carry_the_arn(
-    moto_url: str, kms_key: str, kms_settings: KmsSettings
+    moto_url: str, kms_key: str, kms_settings: AwsSettings
 ) -> None:
     session = aioboto3.Session(region_name=REGION)
     async with session.client("kms", endpoint_url=moto_url) as client:
@@ -66,7 +67,7 @@ async def test_alias_is_resolved_and_tokens_carry_the_arn(
 
 
 async def test_a_token_cannot_name_a_key_outside_the_configured_set(
-    kms: KmsKeyProvider, kms_key: str, other_kms_key: str, kms_settings: KmsSettings
+    kms: KmsKeyProvider, kms_key: str, other_kms_key: str, kms_settings: AwsSettings
 ) -> None:
     async with KmsKeyProvider([other_kms_key], kms_settings) as stranger:
         foreign = await stranger.generate_data_key(other_kms_key, CONTEXT)
@@ -77,7 +78,7 @@ async def test_a_token_cannot_name_a_key_outside_the_configured_set(
 
 
 async def test_decrypt_pins_the_key_id_named_in_the_token(
-    kms_key: str, other_kms_key: str, kms_settings: KmsSettings
+    kms_key: str, other_kms_key: str, kms_settings: AwsSettings
 ) -> None:
     async with KmsKeyProvider([kms_key, other_kms_key], kms_settings) as kms:
         key = await kms.generate_data_key(kms_key, CONTEXT)
@@ -88,7 +89,7 @@ async def test_decrypt_pins_the_key_id_named_in_the_token(
 
 
 async def test_rewrap_moves_a_data_key_to_the_new_master_key_without_touching_data(
-    kms_key: str, other_kms_key: str, kms_settings: KmsSettings
+    kms_key: str, other_kms_key: str, kms_settings: AwsSettings
 ) -> None:
     async with KmsKeyProvider([other_kms_key, kms_key], kms_settings) as kms:
         old = await kms.generate_data_key(kms_key, CONTEXT)
@@ -124,19 +125,19 @@ async def test_pseudonymized_context_is_what_kms_sees(
 async def test_fips_switch_selects_the_fips_endpoint() -> None:
     session = aioboto3.Session(region_name="us-west-2")
     for fips, host in ((True, "kms-fips.us-west-2.amazonaws.com"), (False, "kms.us-west-2.amazonaws.com")):
-        settings = KmsSettings(region="us-west-2", use_fips_endpoint=fips)
+        settings = AwsSettings(region="us-west-2", use_fips_endpoint=fips)
         async with session.client("kms", config=settings.botocore_config()) as client:
             assert client.meta.endpoint_url == f"https://{host}"
 
 
 def test_settings_refuse_nonsense() -> None:
     with pytest.raises(ValueError, match="timeouts"):
-        KmsSettings(read_timeout=0)
+        AwsSettings(read_timeout=0)
     with pytest.raises(ValueError, match="FIPS endpoint URL"):
-        KmsSettings(use_fips_endpoint=True, endpoint_url="https://kms.us-west-2.amazonaws.com")
-    KmsSettings(use_fips_endpoint=True, endpoint_url="https://kms-fips.us-west-2.amazonaws.com")
+        AwsSettings(use_fips_endpoint=True, endpoint_url="https://kms.us-west-2.amazonaws.com")
+    AwsSettings(use_fips_endpoint=True, endpoint_url="https://kms-fips.us-west-2.amazonaws.com")
     with pytest.raises(ValueError, match="max_attempts"):
-        KmsSettings(max_attempts=0)
+        AwsSettings(max_attempts=0)
     with pytest.raises(ValueError, match="master key"):
         KmsKeyProvider([])
 
@@ -146,7 +147,7 @@ async def test_unreachable_kms_is_key_unavailable() -> None:
     port = server.sockets[0].getsockname()[1]
     server.close()
     await server.wait_closed()  # the port is now closed: connections are refused
-    settings = KmsSettings(endpoint_url=f"http://127.0.0.1:{port}", connect_timeout=0.5, max_attempts=1)
+    settings = AwsSettings(endpoint_url=f"http://127.0.0.1:{port}", connect_timeout=0.5, max_attempts=1)
     with pytest.raises(KeyUnavailable) as failure:
         await KmsKeyProvider(["arn:aws:kms:us-east-1:111122223333:key/x"], settings).start()
     assert "DescribeKey" in str(failure.value)
@@ -163,7 +164,7 @@ async def test_silent_kms_times_out_as_key_unavailable() -> None:
         await asyncio.sleep(30)
 
     async for url in _serve(hang):
-        settings = KmsSettings(endpoint_url=url, read_timeout=0.3, connect_timeout=0.3, max_attempts=1)
+        settings = AwsSettings(endpoint_url=url, read_timeout=0.3, connect_timeout=0.3, max_attempts=1)
         with pytest.raises(KeyUnavailable):
             # Our 0.3 s read timeout must fire long before botocore's 60 s default would.
             await asyncio.wait_for(
@@ -197,7 +198,7 @@ async def test_throttling_is_retried_a_bounded_number_of_times() -> None:
             await writer.drain()
 
     async for url in _serve(throttle):
-        settings = KmsSettings(endpoint_url=url, max_attempts=3, read_timeout=2)
+        settings = AwsSettings(endpoint_url=url, max_attempts=3, read_timeout=2)
         with pytest.raises(KeyThrottled):
             await KmsKeyProvider(["arn:aws:kms:us-east-1:111122223333:key/x"], settings).start()
     assert requests == 3

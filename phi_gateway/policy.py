@@ -1,0 +1,473 @@
+"""Policies: validated policy files compiled into routes, rules and indexes.
+
+``load_policies(paths)`` reads every file, checks it against the schema and then against
+the rules a schema cannot say (declared path parameters, JSONPath syntax, index
+definitions, reveal paths, ambiguous routes), and returns a ``PolicySet`` or raises
+``PolicyError`` listing every problem as ``file:line: message``. Reference: docs/policy.md.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from phi_gateway.blindindex import BlindIndex
+from phi_gateway.exceptions import PolicyError
+from phi_gateway.jsonpath import InvalidPath, JsonPath, compile_path
+from phi_gateway.policy_file import PolicyDocument, Problem, read_policy_file
+
+POLICY_CONTEXT_KEY = "phi:policy"  # reserved: context names in files cannot contain ':'
+Source = Literal["literal", "param", "path", "header"]
+KmsUse = Literal["plain", "pseudonymize", "omit"]
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True, slots=True)
+class ContextEntry:
+    name: str
+    source: Source
+    value: str  # the literal, parameter name, header name (lower case) or path text
+    kms: KmsUse = "plain"
+    path: JsonPath | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ContextSpec:
+    """How each record's encryption context is built, and which part KMS sees."""
+
+    policy: str
+    entries: tuple[ContextEntry, ...]
+    per_policy_key: bool
+
+    @property
+    def kms_entries(self) -> tuple[ContextEntry, ...]:
+        if self.per_policy_key:  # one data key for the policy: only constants may reach KMS
+            return tuple(e for e in self.entries if e.source == "literal" and e.kms != "omit")
+        return tuple(e for e in self.entries if e.kms != "omit")
+
+
+@dataclass(frozen=True, slots=True)
+class FieldIndex:
+    """A blind index written into the record (request) from one or more fields."""
+
+    index: BlindIndex
+    fields: tuple[JsonPath, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRule:
+    records: JsonPath
+    context: ContextSpec | None  # required by the schema when anything is encrypted
+    encrypt: tuple[JsonPath, ...]
+    blind_indexes: tuple[FieldIndex, ...]
+    criteria: tuple[FieldIndex, ...]  # fields replaced by their index (search bodies)
+
+
+@dataclass(frozen=True, slots=True)
+class QueryRule:
+    params: tuple[str, ...]
+    index: BlindIndex
+
+
+@dataclass(frozen=True, slots=True)
+class Reveal:
+    roles: frozenset[str]
+    otherwise: Literal["mask_last4", "mask", "remove", "token"]
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseRule:
+    records: JsonPath
+    context: ContextSpec
+    decrypt: tuple[JsonPath, ...]
+    reveal: Mapping[str, Reveal]  # by canonical field path
+    on_error: Literal["fail", "redact"]
+    status: frozenset[int] | None  # None: every 2xx
+
+    def applies_to(self, status: int) -> bool:
+        return status in self.status if self.status is not None else 200 <= status < 300
+
+
+@dataclass(frozen=True, slots=True)
+class PathTemplate:
+    text: str
+    pattern: re.Pattern[str]
+    params: tuple[str, ...]
+    shape: tuple[str | None, ...]  # literal segments, None for parameters
+
+    @classmethod
+    def compile(cls, text: str) -> PathTemplate:
+        segments = text.strip("/").split("/") if text.strip("/") else []
+        regex, params, shape = "", [], []  # type: str, list[str], list[str | None]
+        for segment in segments:
+            param = _PARAM.fullmatch(segment)
+            if param:
+                if param.group(1) in params:
+                    raise ValueError(f"path parameter {{{param.group(1)}}} appears twice")
+                params.append(param.group(1))
+                shape.append(None)
+                regex += f"/(?P<{param.group(1)}>[^/]+)"
+            elif segment.startswith("{") and segment.endswith("}"):
+                raise ValueError(f"segment {segment!r}: parameter names are letters, digits and '_'")
+            elif "{" in segment or "}" in segment:
+                raise ValueError(f"segment {segment!r}: a parameter must be a whole segment, like {{name}}")
+            else:
+                shape.append(segment)
+                regex += "/" + re.escape(segment)
+        return cls(text, re.compile((regex or "/") + "/?" if regex else "/"), tuple(params), tuple(shape))
+
+    def match(self, path: str) -> dict[str, str] | None:
+        found = self.pattern.fullmatch(path)
+        return found.groupdict() if found else None
+
+    @property
+    def precedence(self) -> tuple[int, ...]:
+        """Literal segments win over parameters, left to right."""
+        return tuple(1 if s is None else 0 for s in self.shape)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    policy: str
+    key: str | None
+    methods: frozenset[str]
+    template: PathTemplate
+    request: RequestRule | None
+    query: tuple[QueryRule, ...]
+    response: ResponseRule | None
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{'|'.join(sorted(self.methods))} {self.template.text} ({self.file}:{self.line})"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    route: Route
+    params: dict[str, str]
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """Every loaded policy's routes, most specific first."""
+
+    routes: tuple[Route, ...]
+    unmatched: Literal["pass", "deny"] = "pass"
+    names: tuple[str, ...] = field(default=())
+
+    def match(self, method: str, path: str) -> RouteMatch | None:
+        method = method.upper()
+        for route in self.routes:
+            if method in route.methods:
+                params = route.template.match(path)
+                if params is not None:
+                    return RouteMatch(route, params)
+        return None
+
+
+def _member(name: str) -> str:
+    """The canonical path of a record's top-level member ``name``."""
+    quoted = name.replace("\\", "\\\\").replace("'", "\\'")
+    return compile_path(f"$['{quoted}']").canonical
+
+
+class _Compiler:
+    """Turns one checked document into routes, collecting every problem instead of stopping."""
+
+    def __init__(self, doc: PolicyDocument) -> None:
+        self.doc = doc
+        self.problems: list[Problem] = []
+        data = doc.data
+        self.name: str = data["name"]
+        self.per_policy = data.get("data_key", "per_record") == "per_policy"
+        self.indexes: dict[str, BlindIndex] = {}
+        self.claims: list[_Claim] = []  # every route's (methods, template), broken ones too
+        self.index_lines: dict[str, tuple[str | int, ...]] = {}
+
+    def fail(self, location: Iterable[str | int], message: str) -> None:
+        self.problems.append(self.doc.problem(location, message))
+
+    def path(self, text: str, location: tuple[str | int, ...], *, field: bool = False) -> JsonPath | None:
+        try:
+            compiled = compile_path(text)
+        except InvalidPath as exc:
+            self.fail(location, str(exc))
+            return None
+        if field and compiled.canonical == "$":
+            self.fail(location, "a field path must select something inside the record, not the record itself")
+            return None
+        return compiled
+
+    def compile(self) -> list[Route]:
+        routes = self.doc.data["routes"]
+        # Index definitions first: query and criteria entries of any route may refer to them.
+        for r, route in enumerate(routes):
+            for i, entry in enumerate(route.get("request", {}).get("blind_index", [])):
+                self.define_index(entry, ("routes", r, "request", "blind_index", i))
+        return [route for r, raw in enumerate(routes) if (route := self.route(raw, ("routes", r)))]
+
+    def define_index(self, entry: Mapping[str, Any], location: tuple[str | int, ...]) -> None:
+        normalize = entry.get("normalize", [])
+        index = BlindIndex(
+            policy=self.name,
+            name=entry["into"],
+            normalize=tuple([normalize] if isinstance(normalize, str) else normalize),
+            bits=entry["bits"],
+            arity=len(entry.get("fields", [entry.get("field")])),
+        )
+        known = self.indexes.get(index.name)
+        if known is None:
+            self.indexes[index.name] = index
+            self.index_lines[index.name] = location
+        elif known != index:
+            first = self.doc.line(self.index_lines[index.name])
+            self.fail(location, f"index {index.name!r} is defined differently at line {first}")
+
+    def index(self, name: str, location: tuple[str | int, ...], arity: int) -> BlindIndex | None:
+        index = self.indexes.get(name)
+        if index is None:
+            self.fail(location, f"no blind_index of this policy is written into {name!r}")
+        elif index.arity != arity:
+            self.fail(location, f"index {name!r} takes {index.arity} value(s), {arity} given")
+            return None
+        return index
+
+    def route(self, raw: Mapping[str, Any], loc: tuple[str | int, ...]) -> Route | None:
+        before = len(self.problems)
+        match = raw["match"]
+        try:
+            template = PathTemplate.compile(match["path"])
+        except ValueError as exc:
+            self.fail((*loc, "match", "path"), str(exc))
+            return None
+        self.claims.append(_Claim(frozenset(match["methods"]), template, self.doc.file, self.doc.line(loc)))
+        request = self.request(raw["request"], template, (*loc, "request")) if "request" in raw else None
+        response = (
+            self.response(raw["response"], template, match, (*loc, "response")) if "response" in raw else None
+        )
+        if "status" in match and "response" not in raw:
+            self.fail((*loc, "match", "status"), "status only applies to a response section")
+        query = tuple(
+            rule
+            for q, entry in enumerate(raw.get("query", []))
+            if (rule := self.query(entry, (*loc, "query", q))) is not None
+        )
+        if len(self.problems) > before:
+            return None
+        return Route(
+            policy=self.name,
+            key=self.doc.data.get("key"),
+            methods=frozenset(match["methods"]),
+            template=template,
+            request=request,
+            query=query,
+            response=response,
+            file=self.doc.file,
+            line=self.doc.line(loc),
+        )
+
+    def context(
+        self, raw: Mapping[str, Any], template: PathTemplate, loc: tuple[str | int, ...]
+    ) -> ContextSpec:
+        entries = []
+        for name, value in raw.items():
+            where = (*loc, name)
+            spec: dict[str, Any] = {"literal": value} if isinstance(value, str) else dict(value)
+            if isinstance(value, str):
+                if _PARAM.fullmatch(value):
+                    spec = {"param": value[1:-1]}
+                elif value.startswith("$"):
+                    spec = {"path": value}
+                elif "{" in value or "}" in value:
+                    self.fail(
+                        where,
+                        "looks like a mistyped {param}; write {literal: ...} for a constant with braces",
+                    )
+            explicit_kms = spec.pop("kms", None)
+            ((source, text),) = spec.items()
+            # Record values (patient ids) reach KMS, and so CloudTrail, only as pseudonyms
+            # unless the policy says otherwise; constants go as they are.
+            kms: KmsUse = explicit_kms or ("plain" if source == "literal" else "pseudonymize")
+            path = None
+            if source == "param" and text not in template.params:
+                self.fail(where, f"path parameter {{{text}}} is not declared by {template.text!r}")
+            elif source == "path":
+                path = self.path(text, where, field=True)
+            elif source == "header":
+                text = text.lower()
+            if self.per_policy and source != "literal" and explicit_kms in ("plain", "pseudonymize"):
+                self.fail(where, "with data_key: per_policy only literal entries reach KMS; drop 'kms'")
+            entries.append(ContextEntry(name, cast(Source, source), text, kms, path))
+        return ContextSpec(self.name, tuple(entries), self.per_policy)
+
+    def field_index(
+        self, entry: Mapping[str, Any], name: str, loc: tuple[str | int, ...]
+    ) -> FieldIndex | None:
+        texts = entry.get("fields") or [entry["field"]]
+        key = "fields" if "fields" in entry else "field"
+        paths = [self.path(t, (*loc, key), field=True) for t in texts]
+        index = self.index(name, loc, len(texts))
+        if index is None or any(p is None for p in paths):
+            return None
+        return FieldIndex(index, tuple(p for p in paths if p is not None))
+
+    def request(
+        self, raw: Mapping[str, Any], template: PathTemplate, loc: tuple[str | int, ...]
+    ) -> RequestRule:
+        records = self.path(raw.get("records", "$"), (*loc, "records"))
+        encrypt = [
+            self.path(t, (*loc, "encrypt", i), field=True) for i, t in enumerate(raw.get("encrypt", []))
+        ]
+        self.no_repeats(encrypt, (*loc, "encrypt"))
+        encrypted = {p.canonical for p in encrypt if p is not None}
+        indexes = []
+        written: set[str] = set()
+        for i, entry in enumerate(raw.get("blind_index", [])):
+            where = (*loc, "blind_index", i)
+            into = entry["into"]
+            if _member(into) in encrypted:
+                self.fail((*where, "into"), f"{into!r} is also encrypted: an index needs its own field")
+            if into in written:
+                self.fail((*where, "into"), f"another blind_index of this request already writes {into!r}")
+            written.add(into)
+            indexes.append(self.field_index(entry, into, where))
+        criteria = [
+            self.field_index(entry, entry["blind_index"], (*loc, "criteria", i))
+            for i, entry in enumerate(raw.get("criteria", []))
+        ]
+        return RequestRule(
+            records=records or compile_path("$"),
+            context=self.context(raw["context"], template, (*loc, "context")) if "context" in raw else None,
+            encrypt=tuple(p for p in encrypt if p is not None),
+            blind_indexes=tuple(i for i in indexes if i is not None),
+            criteria=tuple(c for c in criteria if c is not None),
+        )
+
+    def response(
+        self,
+        raw: Mapping[str, Any],
+        template: PathTemplate,
+        match: Mapping[str, Any],
+        loc: tuple[str | int, ...],
+    ) -> ResponseRule:
+        records = self.path(raw.get("records", "$"), (*loc, "records"))
+        decrypt = [self.path(t, (*loc, "decrypt", i), field=True) for i, t in enumerate(raw["decrypt"])]
+        self.no_repeats(decrypt, (*loc, "decrypt"))
+        decrypted = {p.canonical for p in decrypt if p is not None}
+        reveal = {}
+        for text, rule in raw.get("reveal", {}).items():
+            path = self.path(text, (*loc, "reveal", text), field=True)
+            if path is not None and path.canonical not in decrypted:
+                self.fail((*loc, "reveal", text), "reveal names a field that decrypt does not list")
+            elif path is not None:
+                reveal[path.canonical] = Reveal(frozenset(rule["roles"]), rule.get("otherwise", "mask"))
+        status = match.get("status")
+        return ResponseRule(
+            records=records or compile_path("$"),
+            context=self.context(raw["context"], template, (*loc, "context")),
+            decrypt=tuple(p for p in decrypt if p is not None),
+            reveal=reveal,
+            on_error=raw.get("on_error", "fail"),
+            status=frozenset(status) if status else None,
+        )
+
+    def query(self, raw: Mapping[str, Any], loc: tuple[str | int, ...]) -> QueryRule | None:
+        params = tuple(raw.get("params") or [raw["param"]])
+        index = self.index(raw["blind_index"], (*loc, "blind_index"), len(params))
+        if index is None:
+            return None
+        normalize = raw.get("normalize")
+        if normalize is not None:
+            given = tuple([normalize] if isinstance(normalize, str) else normalize)
+            if given != index.normalize:
+                self.fail(
+                    (*loc, "normalize"),
+                    f"differs from index {index.name!r}'s normalize {list(index.normalize)}",
+                )
+        return QueryRule(params, index)
+
+    def no_repeats(self, paths: Sequence[JsonPath | None], loc: tuple[str | int, ...]) -> None:
+        seen: set[str] = set()
+        for i, path in enumerate(paths):
+            if path is not None:
+                if path.canonical in seen:
+                    self.fail((*loc, i), f"{path.source!r} selects the same field as an earlier entry")
+                seen.add(path.canonical)
+
+
+def _policy_files(paths: Iterable[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(
+                p
+                for p in path.iterdir()
+                if p.suffix in (".yaml", ".yml", ".json") and p.name != "schema.json"
+            )
+        else:
+            files.append(path)
+    return files
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    methods: frozenset[str]
+    template: PathTemplate
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{'|'.join(sorted(self.methods))} {self.template.text} ({self.file}:{self.line})"
+
+
+def _ambiguities(claims: Sequence[_Claim]) -> list[Problem]:
+    """Two routes whose templates have the same shape and share a method match the same requests."""
+    problems = []
+    for i, a in enumerate(claims):
+        for b in claims[i + 1 :]:
+            if a.template.shape == b.template.shape and a.methods & b.methods:
+                problems.append(Problem(b.file, b.line, f"route {b} matches the same requests as {a}"))
+    return problems
+
+
+def load_policies(paths: Iterable[str | Path]) -> PolicySet:
+    """Read, check and compile policy files (directories: every .yaml/.yml/.json inside)."""
+    problems: list[Problem] = []
+    routes: list[Route] = []
+    claims: list[_Claim] = []
+    names: dict[str, str] = {}
+    unmatched: dict[str, str] = {}
+    unmatched_at: list[Problem] = []
+    files = _policy_files(paths)
+    if not files:
+        raise PolicyError([Problem("<policies>", 1, "no policy files found")])
+    for file in files:
+        doc, found = read_policy_file(file)
+        problems += found
+        if doc is None or found:
+            continue
+        compiler = _Compiler(doc)
+        compiled = compiler.compile()
+        problems += compiler.problems
+        claims += compiler.claims
+        name = doc.data["name"]
+        if name in names:
+            problems.append(doc.problem(("name",), f"policy name {name!r} is already used by {names[name]}"))
+        names[name] = doc.file
+        if "unmatched" in doc.data:
+            unmatched[doc.file] = doc.data["unmatched"]
+            unmatched_at.append(doc.problem(("unmatched",), ""))
+        routes += compiled
+    if len(set(unmatched.values())) > 1:
+        said = ", ".join(f"{file} says {value}" for file, value in unmatched.items())
+        problems += [Problem(at.file, at.line, f"unmatched: files disagree ({said})") for at in unmatched_at]
+    problems += _ambiguities(claims)
+    if problems:
+        problems.sort(key=lambda p: (p.file, p.line))
+        raise PolicyError(problems)
+    routes.sort(key=lambda r: r.template.precedence)
+    return PolicySet(tuple(routes), next(iter(unmatched.values()), "pass"), tuple(sorted(names)))  # type: ignore[arg-type]

@@ -1,0 +1,308 @@
+"""Applying policy rules to parsed JSON: encrypt and index requests, decrypt responses,
+rewrite search queries.
+
+Each document is done in two phases: first everything is located and serialized and
+the data keys it needs are fetched (concurrently, through the shared cache); then every
+field is transformed synchronously, with one random-source call for all of its IVs.
+Documents are changed in place: they are the gateway's own freshly parsed copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from phi_gateway import envelope
+from phi_gateway.aead import IV_BYTES
+from phi_gateway.blindindex import NormalizeError
+from phi_gateway.cache import DataKeyCache
+from phi_gateway.context import context_digest, encode_context
+from phi_gateway.exceptions import DocumentError, InvalidToken, ValueNotEncryptable
+from phi_gateway.jsonpath import JsonPath
+from phi_gateway.keys import DataKey
+from phi_gateway.pepper import Pepper
+from phi_gateway.policy import (
+    POLICY_CONTEXT_KEY,
+    ContextSpec,
+    FieldIndex,
+    QueryRule,
+    RequestRule,
+    ResponseRule,
+)
+
+
+@dataclass
+class Report:
+    """What a transform did, for the audit trail: paths, counts and contexts, never values."""
+
+    records: int = 0
+    contexts: list[dict[str, str]] = field(default_factory=list)
+    encrypted: Counter[str] = field(default_factory=Counter)
+    decrypted: Counter[str] = field(default_factory=Counter)
+    indexed: Counter[str] = field(default_factory=Counter)
+    redacted: Counter[str] = field(default_factory=Counter)
+    plaintext_seen: Counter[str] = field(default_factory=Counter)  # non-token values at decrypt paths
+    key_refs: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Where a document came from: the route's path parameters and the request headers."""
+
+    params: Mapping[str, str]
+    headers: Mapping[str, str]  # lower-case names
+
+
+@dataclass(slots=True)
+class _Record:
+    exact: dict[str, str]
+    kms: dict[str, str]
+    context_bytes: bytes
+
+
+def _records(doc: Any, path: JsonPath) -> list[dict[str, Any]]:
+    found = path.find(doc)
+    if any(not isinstance(record, dict) for record in found):
+        raise DocumentError("record_not_object", f"records at {path.source} must be JSON objects")
+    return found
+
+
+def _context(spec: ContextSpec, record: Mapping[str, Any], scope: Scope, pepper: Pepper | None) -> _Record:
+    exact = {POLICY_CONTEXT_KEY: spec.policy}
+    for entry in spec.entries:
+        value: Any
+        if entry.source == "literal":
+            value = entry.value
+        elif entry.source == "param":
+            value = scope.params.get(entry.value)
+        elif entry.source == "header":
+            value = scope.headers.get(entry.value)
+        else:
+            assert entry.path is not None
+            matches = entry.path.find(record)
+            value = matches[0] if len(matches) == 1 else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not value:
+            raise DocumentError(
+                "context_missing", f"encryption context entry {entry.name!r} has no single value"
+            )
+        exact[entry.name] = value
+    kms = {POLICY_CONTEXT_KEY: spec.policy}
+    for entry in spec.kms_entries:
+        if entry.kms == "pseudonymize":
+            if pepper is None:
+                raise DocumentError("configuration", "pseudonymized context needs a pepper")
+            kms[entry.name] = pepper.pseudonymizer(spec.policy).pseudonym(entry.name, exact[entry.name])
+        else:
+            kms[entry.name] = exact[entry.name]
+    return _Record(exact, kms, encode_context(exact))
+
+
+def _single(path: JsonPath, record: Any) -> Any:
+    found = path.find(record)
+    if len(found) > 1:
+        raise DocumentError("index_field_ambiguous", f"{path.source} selects more than one value to index")
+    return found[0] if found else None
+
+
+def _index(rule: FieldIndex, record: dict[str, Any], pepper: Pepper) -> str | None:
+    values = [_single(path, record) for path in rule.fields]
+    if any(v is None for v in values):
+        return None
+    try:
+        return rule.index.compute(pepper, values)
+    except NormalizeError as exc:
+        raise DocumentError("index_value_invalid", f"cannot index {rule.fields[0].source}: {exc}") from None
+
+
+def _places(path: JsonPath, record: Any) -> list[tuple[Any, Any]]:
+    """Where ``path`` matches in ``record``, as (container, key) to read and write in place."""
+    return path.locate(record)
+
+
+def _delete(path: JsonPath, record: Any) -> None:
+    for parent, key in reversed(_places(path, record)):
+        del parent[key]
+
+
+async def encrypt_request(
+    doc: Any,
+    rule: RequestRule,
+    scope: Scope,
+    *,
+    keys: DataKeyCache,
+    pepper: Pepper | None,
+    master_key: str | None = None,
+) -> Report:
+    """Index, then encrypt, every PHI field of ``doc`` in place. Nothing is changed on failure
+    to fetch keys, and the caller must not forward ``doc`` if this raises."""
+    report = Report()
+    pending: list[tuple[Any, Any, str, bytes, bytes, int]] = []  # parent, key, field, plaintext, ctx, slot
+    slots: dict[bytes, int] = {}
+    kms_contexts: list[dict[str, str]] = []
+    usage: list[list[int]] = []  # per slot: [uses, bytes]
+    prefixes = {path.canonical: envelope.field_prefix(path.canonical) for path in rule.encrypt}
+    records = _records(doc, rule.records)
+    for record in records:
+        if rule.blind_indexes or rule.criteria:
+            if pepper is None:
+                raise DocumentError("configuration", "blind indexes need a pepper")
+            for index_rule in rule.blind_indexes:
+                value = _index(index_rule, record, pepper)
+                record.pop(index_rule.index.name, None)  # a client cannot supply its own index
+                if value is not None:
+                    record[index_rule.index.name] = value
+                    report.indexed[index_rule.index.name] += 1
+            for criteria in rule.criteria:
+                value = _index(criteria, record, pepper)
+                for path in criteria.fields:
+                    _delete(path, record)
+                if value is not None:
+                    record[criteria.index.name] = value
+                    report.indexed[criteria.index.name] += 1
+        if rule.context is None:
+            continue
+        ctx = _context(rule.context, record, scope, pepper)
+        report.contexts.append(ctx.exact)
+        digest = context_digest(ctx.kms)
+        slot = slots.get(digest)
+        for path in rule.encrypt:
+            for parent, key in _places(path, record):
+                try:
+                    plaintext = envelope.serialize_value(parent[key])
+                except ValueNotEncryptable as exc:
+                    raise DocumentError("value_not_encryptable", f"{path.source}: {exc}") from None
+                if slot is None:
+                    slot = slots[digest] = len(kms_contexts)
+                    kms_contexts.append(ctx.kms)
+                    usage.append([0, 0])
+                usage[slot][0] += 1
+                usage[slot][1] += len(plaintext)
+                pending.append((parent, key, path.canonical, plaintext, ctx.context_bytes, slot))
+    report.records = len(records)
+    if not pending:
+        return report
+    data_keys: list[DataKey] = await asyncio.gather(
+        *(
+            keys.encryption_key(kms, master_key=master_key, uses=used[0], nbytes=used[1])
+            for kms, used in zip(kms_contexts, usage, strict=True)
+        )
+    )
+    headers = [envelope.key_header(k.key_ref, k.wrapped) for k in data_keys]
+    report.key_refs.update(k.key_ref for k in data_keys)
+    ivs = os.urandom(IV_BYTES * len(pending))
+    for n, (parent, key, canonical, plaintext, context_bytes, slot) in enumerate(pending):
+        iv = ivs[n * IV_BYTES : (n + 1) * IV_BYTES]
+        aad = prefixes[canonical] + context_bytes
+        parent[key] = envelope.seal(data_keys[slot], headers[slot], plaintext, aad, iv)
+        report.encrypted[canonical] += 1
+    return report
+
+
+async def decrypt_response(
+    doc: Any, rule: ResponseRule, scope: Scope, *, keys: DataKeyCache, pepper: Pepper | None
+) -> Report:
+    """Decrypt every token at the rule's paths in place; ``on_error`` decides what a token
+    that does not authenticate becomes (``fail`` raises ``InvalidToken``, ``redact`` → null)."""
+    report = Report()
+    pending: list[tuple[Any, Any, str, envelope.Token, bytes, tuple[str, bytes, bytes]]] = []
+    unwrap: dict[tuple[str, bytes, bytes], dict[str, str]] = {}
+    records = _records(doc, rule.records)
+    for record in records:
+        ctx = _context(rule.context, record, scope, pepper)
+        report.contexts.append(ctx.exact)
+        digest = context_digest(ctx.kms)
+        for path in rule.decrypt:
+            for parent, key in _places(path, record):
+                value = parent[key]
+                if not envelope.is_token(value):
+                    if value is not None:
+                        report.plaintext_seen[path.canonical] += 1
+                    continue
+                try:
+                    token = envelope.parse(value)
+                except InvalidToken:
+                    _integrity_failure(rule, parent, key, path.canonical, report)
+                    continue
+                slot = (token.key_ref, token.wrapped_key, digest)
+                unwrap.setdefault(slot, ctx.kms)
+                pending.append((parent, key, path.canonical, token, ctx.context_bytes, slot))
+    report.records = len(records)
+    slots = list(unwrap)
+    results = await asyncio.gather(
+        *(keys.decryption_key(ref, wrapped, unwrap[(ref, wrapped, d)]) for ref, wrapped, d in slots),
+        return_exceptions=True,
+    )
+    unwrapped: dict[tuple[str, bytes, bytes], DataKey | None] = {}
+    for slot, result in zip(slots, results, strict=True):
+        if isinstance(result, InvalidToken):
+            unwrapped[slot] = None  # this wrapped key does not open under this record's context
+        elif isinstance(result, BaseException):
+            raise result  # key service trouble: the whole response fails, nothing partial
+        else:
+            unwrapped[slot] = result
+            report.key_refs.add(result.key_ref)
+    prefixes = {path.canonical: envelope.field_prefix(path.canonical) for path in rule.decrypt}
+    for parent, key, canonical, token, context_bytes, slot in pending:
+        data_key = unwrapped[slot]
+        try:
+            if data_key is None:
+                raise InvalidToken()
+            plaintext = data_key.aead.open(token.iv, token.sealed, prefixes[canonical] + context_bytes)
+            parent[key] = envelope.load_value(plaintext)
+        except InvalidToken:
+            _integrity_failure(rule, parent, key, canonical, report)
+            continue
+        report.decrypted[canonical] += 1
+    return report
+
+
+def _integrity_failure(rule: ResponseRule, parent: Any, key: Any, canonical: str, report: Report) -> None:
+    if rule.on_error == "fail":
+        raise InvalidToken()
+    parent[key] = None
+    report.redacted[canonical] += 1
+
+
+def rewrite_query(query: str, rules: Sequence[QueryRule], pepper: Pepper | None) -> tuple[str, Counter[str]]:
+    """Replace searched query parameters with their blind indexes; the plaintext never leaves.
+
+    ``query`` is the raw (percent-encoded) query string. Returns the new one and the count
+    of indexes written, by index name.
+    """
+    counts: Counter[str] = Counter()
+    if not rules:
+        return query, counts
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise DocumentError("query_invalid", "query string is not valid UTF-8 form encoding") from None
+    for rule in rules:
+        present = [name for name in rule.params if any(k == name for k, _ in pairs)]
+        if not present:
+            continue
+        if pepper is None:
+            raise DocumentError("configuration", "blind indexes need a pepper")
+        values = [[v for k, v in pairs if k == name] for name in rule.params]
+        if len(rule.params) > 1 and any(len(v) != 1 for v in values):
+            raise DocumentError(
+                "search_incomplete",
+                f"search by {rule.index.name} needs each of {', '.join(rule.params)} once",
+            )
+        try:
+            indexes = [rule.index.compute(pepper, list(combo)) for combo in zip(*values, strict=True)]
+        except NormalizeError as exc:
+            raise DocumentError(
+                "index_value_invalid", f"cannot index query {rule.params[0]!r}: {exc}"
+            ) from None
+        first = next(i for i, (k, _) in enumerate(pairs) if k in rule.params)
+        pairs = [(k, v) for k, v in pairs if k not in rule.params]
+        pairs[first:first] = [(rule.index.name, index) for index in indexes]
+        counts[rule.index.name] += len(indexes)
+    return urlencode(pairs), counts
