@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from phi_gateway.aws import AwsSettings
+from phi_gateway.bodies import Limits
 from phi_gateway.cache import CacheStats, DataKeyCache
+from phi_gateway.config import GatewayConfig
 from phi_gateway.context import Pseudonymizer, encode_context
 from phi_gateway.envelope import Token, decrypt, encrypt, is_token, parse
 from phi_gateway.exceptions import (
     DocumentError,
+    HTTPError,
     InvalidToken,
     KeyAccessDenied,
     KeyAccessError,
@@ -20,11 +23,14 @@ from phi_gateway.exceptions import (
     UnknownMasterKey,
     ValueNotEncryptable,
 )
+from phi_gateway.gateway import Gateway
 from phi_gateway.keyring import LocalKeyring, create_keyring
 from phi_gateway.keys import DataKey, KeyProvider
 from phi_gateway.kms import KmsKeyProvider
+from phi_gateway.middleware import PHIMiddleware
 from phi_gateway.pepper import Pepper
 from phi_gateway.policy import PolicySet, load_policies
+from phi_gateway.proxy import ProxyApp, UpstreamSettings
 from phi_gateway.transform import Scope, decrypt_response, encrypt_request, rewrite_query
 
 __all__ = [
@@ -33,6 +39,9 @@ __all__ = [
     "DataKey",
     "DataKeyCache",
     "DocumentError",
+    "Gateway",
+    "GatewayConfig",
+    "HTTPError",
     "InvalidToken",
     "KeyAccessDenied",
     "KeyAccessError",
@@ -41,16 +50,20 @@ __all__ = [
     "KeyUnavailable",
     "KeyringError",
     "KmsKeyProvider",
+    "Limits",
     "LocalKeyring",
     "PHIGatewayError",
+    "PHIMiddleware",
     "Pepper",
     "PepperError",
     "PolicyError",
     "PolicySet",
+    "ProxyApp",
     "Pseudonymizer",
     "Scope",
     "Token",
     "UnknownMasterKey",
+    "UpstreamSettings",
     "ValueNotEncryptable",
     "create_keyring",
     "decrypt",

@@ -223,5 +223,8 @@ def inspect(token: str) -> None:
 
 # Last, because the policy commands use the helpers above.
 from phi_gateway.cli_policy import policy  # noqa: E402
+from phi_gateway.cli_serve import demo, serve  # noqa: E402
 
 main.add_command(policy)
+main.add_command(serve)
+main.add_command(demo)

@@ -12,6 +12,7 @@
     ├── PolicyError           policy files do not load: every problem, as file:line: message
     ├── InvalidPath           a JSONPath expression does not parse (also a ValueError)
     ├── DocumentError         a body cannot be transformed under its policy (has a stable ``code``)
+    ├── HTTPError             what the gateway answers a client with: status, stable code, message
     └── ValueNotEncryptable   a value is not plain JSON (e.g. an integer beyond 64 bits)
 
 Errors from botocore/aiohttp are translated once, in ``kms.py``. No message in this
@@ -82,6 +83,16 @@ class DocumentError(PHIGatewayError):
 
     def __init__(self, code: str, message: str) -> None:
         self.code = code
+        super().__init__(message)
+
+
+class HTTPError(PHIGatewayError):
+    """An error the gateway sends to its client as ``{"error": {"code", "message"}}``."""
+
+    def __init__(self, status: int, code: str, message: str, *, retry_after: int | None = None) -> None:
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
         super().__init__(message)
 
 

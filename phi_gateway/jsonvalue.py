@@ -1,47 +1,82 @@
-"""Strict parsing of one JSON value for the CLI: exactly what round-trips, nothing else.
+"""Strict JSON parsing: exactly the documents that round-trip, for the gateway and the CLI.
 
-Duplicate keys, NaN/Infinity and integers beyond 64 bits are refused rather than silently
-resolved, so the value encrypted is exactly the value the operator wrote.
+The gateway forwards its own re-serialization of what it parsed, so the parser decides
+what the upstream sees. Everything another parser might read differently is refused:
+duplicate keys (at any depth), NaN/Infinity, numbers that overflow a double, integers
+beyond 64 bits, invalid UTF-8, a BOM, and nesting deeper than ``max_depth``. Lone
+surrogates are caught when the document is serialized again (orjson refuses them).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
-from phi_gateway.exceptions import ValueNotEncryptable
+from phi_gateway.exceptions import DocumentError
 
+MAX_DEPTH = 64
 _INT64 = range(-(2**63), 2**64)
+
+
+class _Duplicate(Exception):
+    pass
+
+
+class _Constant(Exception):
+    pass
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result = dict(pairs)
     if len(result) != len(pairs):
-        raise ValueNotEncryptable("duplicate key in JSON object")
+        raise _Duplicate
     return result
 
 
-def _integer(text: str) -> int:
-    value = int(text)
-    if value not in _INT64:
-        raise ValueNotEncryptable("integer beyond 64 bits")
-    return value
-
-
 def _constant(name: str) -> Any:
-    raise ValueNotEncryptable(f"{name} is not a JSON value")
+    raise _Constant
 
 
-def loads_strict(raw: bytes) -> Any:
-    """Parse UTF-8 JSON text strictly; errors never quote the input."""
+def _invalid(message: str) -> DocumentError:
+    return DocumentError("invalid_json", message)
+
+
+def _check(value: Any, max_depth: int) -> None:
+    """Depth, finite floats and 64-bit integers, without recursion."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        kind = type(item)
+        if kind is dict or kind is list:
+            if depth > max_depth:
+                raise _invalid(f"JSON nested deeper than {max_depth} levels")
+            children = item.values() if kind is dict else item
+            stack.extend((child, depth + 1) for child in children if type(child) in (dict, list, float, int))
+        elif kind is float:
+            if not math.isfinite(item):
+                raise _invalid("number out of range")
+        elif kind is int and item not in _INT64:
+            raise _invalid("integer beyond 64 bits")
+
+
+def loads_strict(raw: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse one UTF-8 JSON document strictly. Errors never quote the input."""
     try:
         text = raw.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_pairs, parse_int=_integer, parse_constant=_constant)
     except UnicodeDecodeError:
-        raise ValueNotEncryptable("input is not UTF-8") from None
+        raise _invalid("body is not valid UTF-8") from None
+    try:
+        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant)
+    except _Duplicate:
+        raise _invalid("duplicate key in a JSON object") from None
     except json.JSONDecodeError as exc:
-        raise ValueNotEncryptable(
-            f"input is not one JSON value (line {exc.lineno}, column {exc.colno})"
-        ) from None
+        raise _invalid(f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except _Constant:
+        raise _invalid("NaN and Infinity are not JSON") from None
+    except ValueError:  # Python refuses integers of more than 4300 digits
+        raise _invalid("number too long") from None
     except RecursionError:
-        raise ValueNotEncryptable("input is nested too deeply") from None
+        raise _invalid(f"JSON nested deeper than {max_depth} levels") from None
+    _check(value, max_depth)
+    return value

@@ -105,6 +105,11 @@ class KmsKeyProvider:
         """Resolved ARNs in configured order (current first)."""
         return [self._arns[k] for k in self._configured]
 
+    async def _ready(self) -> None:
+        # Started lazily too, so a gateway that came up while KMS was down recovers with it.
+        if self._client is None:
+            await self.start()
+
     def _resolve(self, master_key: str) -> str:
         """A configured id, alias or ARN to its ARN; anything else is refused."""
         arn = self._arns.get(master_key, master_key)
@@ -120,6 +125,7 @@ class KmsKeyProvider:
             yield
 
     async def generate_data_key(self, master_key: str, context: Context) -> DataKey:
+        await self._ready()
         arn = self._resolve(master_key)
         context = _check_context(context)
         async with self._calling("GenerateDataKey"):
@@ -129,6 +135,7 @@ class KmsKeyProvider:
         return DataKey(resp["KeyId"], resp["CiphertextBlob"], resp.pop("Plaintext"))
 
     async def decrypt_data_key(self, key_ref: str, wrapped: bytes, context: Context) -> DataKey:
+        await self._ready()
         arn = self._resolve(key_ref)
         context = _check_context(context)
         if not 1 <= len(wrapped) <= MAX_WRAPPED_KEY:
@@ -149,6 +156,7 @@ class KmsKeyProvider:
         master_key: str,
         new_context: Context | None = None,
     ) -> tuple[str, bytes]:
+        await self._ready()
         source, destination = self._resolve(key_ref), self._resolve(master_key)
         if not 1 <= len(wrapped) <= MAX_WRAPPED_KEY:
             raise InvalidToken()

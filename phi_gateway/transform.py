@@ -22,7 +22,7 @@ from phi_gateway.aead import IV_BYTES
 from phi_gateway.blindindex import NormalizeError
 from phi_gateway.cache import DataKeyCache
 from phi_gateway.context import context_digest, encode_context
-from phi_gateway.exceptions import DocumentError, InvalidToken, ValueNotEncryptable
+from phi_gateway.exceptions import DocumentError, InvalidToken, UnknownMasterKey, ValueNotEncryptable
 from phi_gateway.jsonpath import JsonPath
 from phi_gateway.keys import DataKey
 from phi_gateway.pepper import Pepper
@@ -241,8 +241,8 @@ async def decrypt_response(
     )
     unwrapped: dict[tuple[str, bytes, bytes], DataKey | None] = {}
     for slot, result in zip(slots, results, strict=True):
-        if isinstance(result, InvalidToken):
-            unwrapped[slot] = None  # this wrapped key does not open under this record's context
+        if isinstance(result, InvalidToken | UnknownMasterKey):
+            unwrapped[slot] = None  # does not open under this record's context, or names a stranger key
         elif isinstance(result, BaseException):
             raise result  # key service trouble: the whole response fails, nothing partial
         else:

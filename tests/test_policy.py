@@ -883,3 +883,13 @@ def test_shipped_fhir_policy_keeps_the_patient_away_from_kms(shipped: PolicySet)
     context = found.route.request.context
     assert context is not None
     assert _entries(context.kms_entries) == [("ResourceType", "literal", "Patient", "plain")]
+
+
+def test_packaged_demo_copies_match_their_sources() -> None:
+    package = ROOT / "phi_gateway"
+    assert (package / "demo_policies" / "patients.yaml").read_text() == (
+        ROOT / "policies" / "patients.yaml"
+    ).read_text()
+    assert json.loads((package / "demo_patient.json").read_text()) == json.loads(
+        (ROOT / "tests" / "samples" / "patient.json").read_text()
+    )

@@ -1,0 +1,179 @@
+"""``phi-gateway serve`` and ``phi-gateway demo``: running the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sqlite3
+import tempfile
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import click
+import orjson
+import uvicorn
+
+from phi_gateway.config import GatewayConfig, load_config
+from phi_gateway.exceptions import PHIGatewayError
+from phi_gateway.gateway import Gateway
+from phi_gateway.keyring import create_keyring
+from phi_gateway.pepper import create_pepper_file
+
+# uvicorn settings every gateway run uses: httptools refuses Content-Length together with
+# Transfer-Encoding where h11 accepts it (request smuggling); the access log would print
+# query strings, which carry PHI before the gateway rewrites them.
+SERVER_OPTIONS: dict[str, Any] = {
+    "http": "httptools",
+    "access_log": False,
+    "proxy_headers": False,
+    "server_header": False,
+    "log_level": "info",
+}
+
+
+def _fail(message: str) -> None:
+    click.echo(f"phi-gateway: error: {message}", err=True)
+    raise SystemExit(1)
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_path",
+    envvar="PHI_GATEWAY_CONFIG",
+    type=click.Path(exists=True, dir_okay=False),
+    help="YAML config file; PHI_GATEWAY_* variables and flags override it.",
+)
+@click.option("--upstream", help="Base URL of the API behind the gateway.")
+@click.option("--policies", multiple=True, type=click.Path(exists=True), help="Policy files or directories.")
+@click.option("--host", help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", type=int, help="Port to listen on (default 8080).")
+@click.option("--workers", type=int, help="Worker processes (default 1).")
+@click.option("--keyring", type=click.Path(dir_okay=False), help="Local development keyring.")
+@click.option("--kms-key-id", "kms_key_ids", multiple=True, help="KMS key(s); the first is current.")
+@click.option("--pepper", type=click.Path(dir_okay=False), help="Pepper file for blind indexes.")
+@click.option("--pepper-secret-id", help="Secrets Manager secret holding the pepper.")
+def serve(config_path: str | None, **flags: Any) -> None:
+    """Run the gateway in front of an upstream API."""
+    try:
+        config = load_config(config_path, overrides=flags).check()
+        Gateway(config)  # fail here, with one line, on a bad policy or key source
+    except PHIGatewayError as exc:
+        _fail(str(exc))
+    # Workers rebuild the gateway from the environment, so every source of config reaches them.
+    os.environ.update(config.to_env())
+    uvicorn.run(
+        "phi_gateway.gateway:create_app",
+        factory=True,
+        host=config.host,
+        port=config.port,
+        workers=config.workers,
+        **SERVER_OPTIONS,
+    )
+
+
+class _Server(uvicorn.Server):
+    """A server that leaves signal handling to its caller (the demo runs two)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+async def _showcase(gateway: str, db: Path) -> None:
+    patient = orjson.loads((Path(__file__).parent / "demo_patient.json").read_bytes())
+    async with aiohttp.ClientSession() as http:
+        async with http.put(f"{gateway}/patients/p-1001", json=patient) as response:
+            echoed = await response.json()
+        click.echo(
+            f"\n1. PUT /patients/p-1001 through the gateway -> {response.status}; the client sees plaintext:"
+        )
+        click.echo(f"   ssn={echoed['ssn']!r} dob={echoed['dob']!r}")
+        row = (
+            sqlite3.connect(db).execute("SELECT body, ssn_bidx FROM patients WHERE id = 'p-1001'").fetchone()
+        )
+        stored = orjson.loads(row[0])
+        click.echo("\n2. The same row at rest in the legacy API's SQLite database:")
+        for key in ("first_name", "ssn", "dob"):
+            token = stored[key]
+            click.echo(f"   {key}: {token[:20]}...{token[-40:]} ({len(token)} chars)")
+        click.echo(f"   ssn_bidx: {row[1]}   (blind index: equality search without the SSN)")
+        async with http.get(f"{gateway}/patients", params={"ssn": "123 45 6789"}) as response:
+            found = await response.json()
+        click.echo(
+            f"\n3. GET /patients?ssn=123+45+6789 -> {len(found)} match; the upstream saw only ssn_bidx=..."
+        )
+
+
+async def _run_demo(port: int, upstream_port: int, workdir: Path, wait: bool) -> None:
+    from phi_gateway.demo_upstream import create_upstream  # only the demo needs it
+
+    keyring, pepper, db = workdir / "keyring.json", workdir / "pepper.json", workdir / "patients.sqlite"
+    if not keyring.exists():
+        create_keyring(keyring)
+    if not pepper.exists():
+        create_pepper_file(pepper)
+    upstream_url = f"http://127.0.0.1:{upstream_port}"
+    config = GatewayConfig(
+        upstream=upstream_url,
+        policies=[str(Path(__file__).parent / "demo_policies")],  # a copy of policies/patients.yaml
+        keyring=str(keyring),
+        pepper=str(pepper),
+        port=port,
+    )
+    quiet = {**SERVER_OPTIONS, "log_level": "warning"}
+    servers = [
+        _Server(uvicorn.Config(create_upstream(str(db)), host="127.0.0.1", port=upstream_port, **quiet)),
+        _Server(uvicorn.Config(Gateway(config), host="127.0.0.1", port=port, **quiet)),
+    ]
+    tasks = [asyncio.create_task(server.serve()) for server in servers]
+
+    def stop() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    while not all(s.started for s in servers):
+        if any(t.done() for t in tasks):
+            stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise SystemExit("phi-gateway: error: the demo servers did not start (ports in use?)")
+        await asyncio.sleep(0.05)
+    gateway = f"http://127.0.0.1:{port}"
+    click.echo(
+        f"legacy patients API (SQLite {db}) on {upstream_url}; phi-gateway in front of it on {gateway}"
+    )
+    await _showcase(gateway, db)
+    click.echo(f"""
+Try it yourself:
+  curl -s -X PUT {gateway}/patients/p-2 -H 'content-type: application/json' \\
+       -d '{{"first_name": "Ada", "last_name": "Lovelace", "ssn": "078-05-1120", "dob": "1815-12-10"}}'
+  curl -s {gateway}/patients/p-2                       # plaintext, through the gateway
+  curl -s {upstream_url}/patients/p-2                  # what the legacy API holds: tokens
+  curl -s '{gateway}/patients?ssn=078051120'           # search by SSN via its blind index
+Keys and data in {workdir}. Ctrl-C stops everything.""")
+    if not wait:
+        stop()
+    await asyncio.gather(*tasks)
+
+
+@click.command()
+@click.option("--port", default=8080, show_default=True, help="Gateway port.")
+@click.option("--upstream-port", default=8081, show_default=True, help="Demo API port.")
+@click.option(
+    "--dir", "workdir", type=click.Path(file_okay=False), help="Keep keys and data here (default: temp)."
+)
+@click.option("--wait/--no-wait", default=True, help="Keep serving after the walk-through (default) or stop.")
+def demo(port: int, upstream_port: int, workdir: str | None, wait: bool) -> None:
+    """Start a demo patients API with the gateway in front of it, and walk through it."""
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="phi-gateway-demo-"))
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        asyncio.run(_run_demo(port, upstream_port, Path(workdir), wait))

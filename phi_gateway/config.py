@@ -1,0 +1,118 @@
+"""Gateway configuration: a YAML file, then ``PHI_GATEWAY_*`` environment variables, then
+command-line flags, each overriding the one before. Reference: the README's table."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from phi_gateway.exceptions import PHIGatewayError
+
+
+class ConfigError(PHIGatewayError):
+    """The gateway configuration is incomplete or contradictory."""
+
+
+@dataclass(kw_only=True)
+class GatewayConfig:
+    upstream: str = ""
+    policies: list[str] = field(default_factory=lambda: ["policies"])
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    # keys: exactly one of keyring / kms_key_ids
+    keyring: str | None = None
+    kms_key_ids: list[str] = field(default_factory=list)
+    aws_region: str = "us-east-1"
+    aws_endpoint_url: str | None = None
+    aws_fips: bool = False
+    # pepper: a file, or a Secrets Manager secret id
+    pepper: str | None = None
+    pepper_secret_id: str | None = None
+    # data-key cache
+    cache_ttl: float = 300.0
+    cache_max_uses: int = 2**20
+    cache_capacity: int = 10_000
+    # limits
+    max_body: int = 1 << 20
+    max_response: int = 16 << 20
+    max_depth: int = 64
+    body_timeout: float = 30.0
+    upstream_connect_timeout: float = 5.0
+    upstream_read_timeout: float = 30.0
+    upstream_max_connections: int = 100
+    preserve_host: bool = False
+
+    def check(self) -> GatewayConfig:
+        if not self.upstream:
+            raise ConfigError("an upstream URL is required (--upstream or PHI_GATEWAY_UPSTREAM)")
+        if bool(self.keyring) == bool(self.kms_key_ids):
+            raise ConfigError("configure exactly one key source: keyring or kms_key_ids")
+        if self.pepper and self.pepper_secret_id:
+            raise ConfigError("configure at most one pepper source: pepper or pepper_secret_id")
+        if self.workers < 1:
+            raise ConfigError("workers must be at least 1")
+        return self
+
+    def to_env(self) -> dict[str, str]:
+        """The config as environment variables, for worker processes to read back."""
+        out = {}
+        for name, value in asdict(self).items():
+            if value is None:
+                continue
+            out[f"PHI_GATEWAY_{name.upper()}"] = ",".join(value) if isinstance(value, list) else str(value)
+        return out
+
+
+_FIELDS = {f.name: f for f in fields(GatewayConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = str(_FIELDS[name].type)
+    if value is None or value == "":
+        return [] if kind.startswith("list") else None
+    if kind.startswith("list"):
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    try:
+        if kind == "bool":
+            return (
+                value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
+            )
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+    except ValueError:
+        raise ConfigError(f"{name}: expected {kind}") from None
+    return str(value)
+
+
+def load_config(
+    path: str | None = None, env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> GatewayConfig:
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {type(exc).__name__}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must be a mapping")
+        unknown = set(data) - _FIELDS.keys()
+        if unknown:
+            raise ConfigError(f"config {path}: unknown keys {sorted(unknown)}")
+        values.update({k: _coerce(k, v) for k, v in data.items()})
+    environ = os.environ if env is None else env
+    for name in _FIELDS:
+        key = f"PHI_GATEWAY_{name.upper()}"
+        if key in environ:
+            values[name] = _coerce(name, environ[key])
+    for name, value in (overrides or {}).items():
+        if value is not None and value != ():
+            values[name] = _coerce(name, value)
+    return GatewayConfig(**values)

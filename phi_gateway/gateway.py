@@ -1,0 +1,82 @@
+"""The gateway process: ``PHIMiddleware(ProxyApp(upstream))`` built from a ``GatewayConfig``,
+with the key provider, pepper and upstream pool started and stopped by the ASGI lifespan."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from phi_gateway.aws import AwsSettings
+from phi_gateway.bodies import Limits
+from phi_gateway.cache import DataKeyCache
+from phi_gateway.config import GatewayConfig, load_config
+from phi_gateway.keyring import LocalKeyring
+from phi_gateway.keys import KeyProvider
+from phi_gateway.kms import KmsKeyProvider
+from phi_gateway.middleware import PHIMiddleware
+from phi_gateway.pepper import Pepper
+from phi_gateway.policy import load_policies
+from phi_gateway.proxy import ProxyApp, UpstreamSettings
+
+log = logging.getLogger("phi_gateway")
+
+
+class Gateway:
+    """The ASGI app that ``phi-gateway serve`` runs."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        config.check()
+        self.config = config
+        self.aws = AwsSettings(
+            region=config.aws_region, endpoint_url=config.aws_endpoint_url, use_fips_endpoint=config.aws_fips
+        )
+        provider: KeyProvider = (
+            LocalKeyring.load(config.keyring)
+            if config.keyring
+            else KmsKeyProvider(config.kms_key_ids, self.aws)
+        )
+        self.proxy = ProxyApp(
+            config.upstream,
+            UpstreamSettings(
+                connect_timeout=config.upstream_connect_timeout,
+                read_timeout=config.upstream_read_timeout,
+                max_connections=config.upstream_max_connections,
+                preserve_host=config.preserve_host,
+            ),
+        )
+        self.middleware = PHIMiddleware(
+            self.proxy,
+            policies=load_policies(config.policies),
+            keys=DataKeyCache(
+                provider, ttl=config.cache_ttl, max_uses=config.cache_max_uses, capacity=config.cache_capacity
+            ),
+            pepper=Pepper.load(config.pepper) if config.pepper else None,
+            limits=Limits(
+                max_body=config.max_body,
+                max_response=config.max_response,
+                max_depth=config.max_depth,
+                body_timeout=config.body_timeout,
+            ),
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.middleware(scope, receive, send)
+            return
+
+        async def startup_first() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup" and self.config.pepper_secret_id:
+                self.middleware.pepper = await Pepper.from_secrets_manager(
+                    self.config.pepper_secret_id, self.aws
+                )
+            return message
+
+        await self.middleware(scope, startup_first, send)
+
+
+def create_app() -> ASGIApp:
+    """Factory for uvicorn workers: the config comes through ``PHI_GATEWAY_*`` variables."""
+    return Gateway(load_config(os.environ.get("PHI_GATEWAY_CONFIG") or None))

@@ -1,0 +1,244 @@
+"""Faults around the gateway: upstream down, hanging or truncating, the key service down,
+request smuggling against ``phi-gateway serve`` as shipped. Nothing reaches the upstream
+that should not, and every refusal is a JSON error with a stable code."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import (
+    POLICIES,
+    ThreadServer,
+    Upstream,
+    free_port,
+    proxy_config,
+    proxy_deployment,
+    wait_for_port,
+)
+
+PATIENT = json.loads((Path(__file__).parents[1] / "samples" / "patient.json").read_text())
+
+
+class FakeUpstream:
+    """A TCP server on loopback that misbehaves as told, counting connections."""
+
+    def __init__(self, behaviour: str) -> None:
+        self.behaviour = behaviour
+        self.requests: list[bytes] = []
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.requests.append(head)
+        if self.behaviour == "hang":
+            await asyncio.sleep(30)
+        elif self.behaviour == "truncate":
+            body = b'[{"id": "p-1", "ssn": "phi:AQE'
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n" + body
+            )
+            await writer.drain()
+        elif self.behaviour == "reset":
+            writer.transport.abort()
+            return
+        writer.close()
+
+    def __enter__(self) -> FakeUpstream:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self.handle, "127.0.0.1", self.port), self.loop
+        ).result()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "method", "path", "status", "code"),
+    [
+        ("reset", "POST", "/patients", 502, "upstream_unavailable"),
+        ("reset", "PUT", "/patients/p-1", 502, "upstream_unavailable"),
+        ("reset", "GET", "/anything", 502, "upstream_unavailable"),
+        ("hang", "GET", "/patients", 504, "upstream_timeout"),
+        ("truncate", "GET", "/patients", 502, "upstream_unavailable"),
+    ],
+)
+def test_upstream_faults_are_json_errors(
+    secrets_dir: Path, behaviour: str, method: str, path: str, status: int, code: str
+) -> None:
+    with (
+        FakeUpstream(behaviour) as fake,
+        proxy_deployment(Upstream(fake.url), secrets_dir, upstream_read_timeout=0.5) as gateway,
+        gateway.client() as client,
+    ):
+        response = client.request(method, path, json=PATIENT if method in ("PUT", "POST") else None)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+    # A POST is never sent twice; an idempotent request may be retried once on a dropped
+    # connection (RFC 9110 9.2.2, aiohttp's behaviour for stale keep-alive connections).
+    assert len(fake.requests) == (1 if method == "POST" or behaviour != "reset" else 2)
+    assert all(b"123-45-6789" not in request for request in fake.requests)
+
+
+def test_upstream_refusing_connections_is_502(secrets_dir: Path) -> None:
+    with (
+        proxy_deployment(Upstream(f"http://127.0.0.1:{free_port()}"), secrets_dir) as gateway,
+        gateway.client() as c,
+    ):
+        response = c.get("/patients/p-1")
+    assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_unavailable"
+
+
+@pytest.fixture
+def kms_down(secrets_dir: Path, upstream_process: Upstream) -> Iterator[Any]:
+    """The gateway with KMS as its key service, and KMS unreachable."""
+    upstream_process.reset(data=True)
+    config = proxy_config(
+        upstream_process.url,
+        secrets_dir,
+        keyring=None,
+        kms_key_ids=["arn:aws:kms:us-east-1:111122223333:key/k"],
+        aws_endpoint_url=f"http://127.0.0.1:{free_port()}",
+    )
+    from phi_gateway.gateway import Gateway
+
+    gateway = Gateway(config)
+    with ThreadServer(gateway) as server:
+        yield server, upstream_process
+
+
+def test_key_service_down_is_503_with_retry_after_and_nothing_forwarded(kms_down: Any) -> None:
+    server, upstream = kms_down
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        write = client.put("/patients/p-1", json=PATIENT)
+        search = client.get("/patients", params={"ssn": "123-45-6789"})
+    assert write.status_code == 503, write.text
+    assert write.json()["error"]["code"] == "key_service_unavailable"
+    assert write.headers["retry-after"].isdigit()
+    assert [r["method"] for r in upstream.received()] == [
+        "GET"
+    ]  # the search needs no key; the write went nowhere
+    assert search.status_code == 200 and "123-45-6789" not in repr(upstream.received())
+
+
+def test_unmatched_deny_refuses_other_routes(
+    tmp_path: Path, secrets_dir: Path, upstream_process: Upstream
+) -> None:
+    text = (
+        (POLICIES / "patients.yaml")
+        .read_text()
+        .replace("data_key: per_record", "data_key: per_record\nunmatched: deny")
+    )
+    (tmp_path / "patients.yaml").write_text(text)
+    upstream_process.reset(data=True)
+    from phi_gateway.gateway import Gateway
+
+    gateway = Gateway(proxy_config(upstream_process.url, secrets_dir, policies=[str(tmp_path)]))
+    with ThreadServer(gateway) as server, httpx.Client(base_url=server.url) as client:
+        denied = client.get("/admin/export")
+        allowed = client.get("/patients/nobody")
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "route_not_allowed"
+    assert allowed.status_code == 404
+    assert [r["path"] for r in upstream_process.received()] == ["/patients/nobody"]
+
+
+@pytest.fixture(scope="module")
+def served(secrets_dir: Path, upstream_process: Upstream) -> Iterator[str]:
+    """``phi-gateway serve`` as shipped, configured through the environment."""
+    secrets = secrets_dir
+    port = free_port()
+    env = {
+        **os.environ,
+        "PHI_GATEWAY_UPSTREAM": upstream_process.url,
+        "PHI_GATEWAY_KEYRING": str(secrets / "keyring.json"),
+        "PHI_GATEWAY_PEPPER": str(secrets / "pepper.json"),
+        "PHI_GATEWAY_POLICIES": str(POLICIES),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "phi_gateway", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=15)[0].decode()
+        assert "123-45-6789" not in output  # nothing of the requests is logged
+
+
+def test_serve_round_trip(served: str, upstream_process: Upstream) -> None:
+    upstream_process.reset(data=True)
+    with httpx.Client(base_url=served) as client:
+        assert client.put("/patients/sv-1", json=PATIENT).status_code == 200
+        assert client.get("/patients", params={"ssn": "123-45-6789"}).json()[0]["ssn"] == "123-45-6789"
+    assert "123-45-6789" not in repr(upstream_process.received())
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+    ],
+)
+def test_content_length_with_transfer_encoding_is_refused(
+    served: str, upstream_process: Upstream, framing: bytes
+) -> None:
+    upstream_process.reset(data=True)
+    port = int(served.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /patients/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + framing
+            + b"GET /_received HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 400")
+    assert upstream_process.received() == []
+
+
+def test_hop_by_hop_and_forwarding_headers(secrets_dir: Path, upstream_process: Upstream) -> None:
+    upstream_process.reset(data=True)
+    with proxy_deployment(upstream_process, secrets_dir) as gateway, gateway.client() as client:
+        response = client.get(
+            "/patients/nobody",
+            headers={
+                "Connection": "keep-alive, X-Hop",
+                "X-Hop": "must not pass",
+                "Keep-Alive": "timeout=5",
+                "X-Forwarded-For": "203.0.113.9",
+                "X-Forwarded-Host": "evil.example",
+                "X-Kept": "end-to-end",
+            },
+        )
+    assert response.status_code == 404
+    (seen,) = upstream_process.received()
+    headers = seen["headers"]
+    assert "x-hop" not in headers and "keep-alive" not in headers
+    assert headers["x-forwarded-for"] == "127.0.0.1"  # the gateway's view, not the client's claim
+    assert headers["x-forwarded-host"].startswith("127.0.0.1:")
+    assert headers["x-kept"] == "end-to-end"
+    assert headers["host"] == upstream_process.url.removeprefix("http://")

@@ -1,0 +1,246 @@
+"""The gateway end to end: real HTTP client, uvicorn on loopback, a real upstream.
+
+Every test runs twice: against the standalone proxy (``PHIMiddleware(ProxyApp)`` in front
+of the demo API in its own process) and against the demo API wrapped in ``PHIMiddleware``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from phi_gateway import envelope
+from tests.e2e.conftest import PHI_CANARIES, Deployment, assert_no_phi
+
+SAMPLES = Path(__file__).parents[1] / "samples"
+PATIENT: dict[str, Any] = json.loads((SAMPLES / "patient.json").read_text())
+
+
+def put(client: httpx.Client, pid: str, body: Any = None, **kwargs: Any) -> httpx.Response:
+    return client.put(f"/patients/{pid}", json=PATIENT if body is None else body, **kwargs)
+
+
+def error_code(response: httpx.Response) -> str:
+    assert response.headers["content-type"] == "application/json"
+    return str(response.json()["error"]["code"])
+
+
+def test_round_trip_plaintext_at_the_client_tokens_upstream(deployment: Deployment) -> None:
+    with deployment.client() as client:
+        written = put(client, "p-1001")
+        assert written.status_code == 200, written.text
+        assert written.json()["ssn"] == "123-45-6789"
+        read = client.get("/patients/p-1001")
+        assert read.status_code == 200
+        body = read.json()
+        assert {k: v for k, v in body.items() if not k.endswith("_bidx")} == {**PATIENT, "id": "p-1001"}
+    received = deployment.upstream.received()
+    assert [r["method"] for r in received] == ["PUT", "GET"]
+    assert_no_phi(received)
+    stored = json.loads(received[0]["body"])
+    assert envelope.is_token(stored["ssn"]) and stored["ssn_bidx"].count(":") == 1
+    assert stored["weight_kg"] == 71.5 and stored["smoker"] is False  # not PHI: untouched
+    assert received[0]["headers"]["content-length"] == str(len(received[0]["body"].encode()))
+    assert "transfer-encoding" not in received[0]["headers"]
+
+
+def test_search_by_query_and_by_json_criteria(deployment: Deployment) -> None:
+    with deployment.client() as client:
+        for n in range(3):
+            put(client, f"s-{n}", {**PATIENT, "ssn": f"900-00-000{n}", "last_name": f"Name{n}"})
+        deployment.upstream.reset()
+        found = client.get("/patients", params={"ssn": "900 00 0001", "limit": "10"})
+        assert found.status_code == 200
+        assert [p["id"] for p in found.json()] == ["s-1"]
+        assert found.json()[0]["ssn"] == "900-00-0001"
+        by_name = client.post("/patients/search", json={"last_name": "Name2", "dob": "1980-02-29"})
+        assert [p["id"] for p in by_name.json()] == ["s-2"]
+    received = deployment.upstream.received()
+    assert "ssn_bidx=" in received[0]["query"] and "limit=10" in received[0]["query"]
+    assert_no_phi(received, ("900-00-0001", "900000001", "900 00 0001", "Name2"))
+
+
+def test_list_costs_one_key_unwrap_per_data_key_not_per_field(deployment: Deployment) -> None:
+    with deployment.client() as client:
+        for n in range(12):
+            assert put(client, f"l-{n:02d}").status_code == 200
+        deployment.keys.clear()
+        before = deployment.keys.stats.decrypt_calls
+        listing = client.get("/patients", params={"limit": "100"})
+        assert listing.status_code == 200
+        mine = [p for p in listing.json() if p["id"].startswith("l-")]
+        assert len(mine) == 12 and all(p["ssn"] == "123-45-6789" for p in mine)
+        # per_record policy: one data key per patient, 7 protected fields each
+        assert deployment.keys.stats.decrypt_calls - before == len(listing.json())
+
+
+def test_one_hundred_concurrent_requests(deployment: Deployment) -> None:
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=deployment.url, timeout=30) as client:
+            return await asyncio.gather(
+                *(
+                    client.put(f"/patients/c-{n}", json={**PATIENT, "ssn": f"555-00-{n:04d}"})
+                    for n in range(100)
+                )
+            )
+
+    responses = asyncio.run(run())
+    assert all(r.status_code == 200 for r in responses)
+    assert sorted(r.json()["ssn"] for r in responses) == sorted(f"555-00-{n:04d}" for n in range(100))
+    with deployment.client() as client:
+        assert client.get("/patients/c-42").json()["ssn"] == "555-00-0042"
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "code"),
+    [
+        ({"content-type": "text/plain"}, b'{"ssn": "123-45-6789"}', 415, "unsupported_media_type"),
+        ({}, b'{"ssn": "123-45-6789"}', 415, "unsupported_media_type"),
+        (
+            {"content-type": "application/json; charset=utf-16"},
+            b'{"ssn": "123-45-6789"}',
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            {"content-type": "application/json", "content-encoding": "br"},
+            b"x",
+            415,
+            "unsupported_content_encoding",
+        ),
+        ({"content-type": "application/json"}, b'{"ssn": "123-45-6789", "ssn": "1"}', 400, "invalid_json"),
+        ({"content-type": "application/json"}, b'{"ssn": "123-45-6789", "x": NaN}', 400, "invalid_json"),
+        ({"content-type": "application/json"}, b'\xef\xbb\xbf{"ssn": "123-45-6789"}', 400, "invalid_json"),
+        ({"content-type": "application/json"}, b'{"ssn": "123-45-6789\xff"}', 400, "invalid_json"),
+        (
+            {"content-type": "application/json"},
+            b'{"ssn": "123-45-6789", "x": "\\ud800"}',
+            400,
+            "invalid_json",
+        ),
+        ({"content-type": "application/json"}, b"[" * 100 + b"]" * 100, 400, "invalid_json"),
+        ({"content-type": "application/json"}, b"", 400, "invalid_json"),
+        ({"content-type": "application/json"}, b'"123-45-6789"', 400, "record_not_object"),
+        (
+            {"content-type": "application/json"},
+            b'{"ssn": 123456789012345678901234567890}',
+            400,
+            "invalid_json",
+        ),
+        (
+            {"content-type": "application/json"},
+            b'{"ssn": "123-45-6789", "phone": "555-1234"}',
+            400,
+            "index_value_invalid",
+        ),
+        ({"content-type": "application/json"}, b'{"ssn": "1"}' + b" " * 70_000, 413, "body_too_large"),
+        (
+            {"content-type": "application/json", "content-encoding": "gzip"},
+            gzip.compress(b'{"ssn": "123-45-6789", "pad": "' + b"0" * 200_000 + b'"}'),
+            413,
+            "body_too_large",
+        ),
+        (
+            {"content-type": "application/json", "content-encoding": "gzip"},
+            b"not gzip",
+            400,
+            "bad_content_encoding",
+        ),
+    ],
+)
+def test_bad_requests_are_refused_and_reach_nothing(
+    deployment: Deployment, headers: dict[str, str], body: bytes, status: int, code: str
+) -> None:
+    with deployment.client() as client:
+        response = client.put("/patients/p-bad", content=body, headers=headers)
+    assert response.status_code == status, response.text
+    assert error_code(response) == code
+    assert "123-45-6789" not in response.text
+    assert deployment.upstream.received() == []
+
+
+def test_compressed_json_is_accepted(deployment: Deployment) -> None:
+    raw = json.dumps(PATIENT).encode()
+    with deployment.client() as client:
+        for encoding, data in (("gzip", gzip.compress(raw)), ("deflate", zlib.compress(raw))):
+            response = client.put(
+                f"/patients/z-{encoding}",
+                content=data,
+                headers={"content-type": "application/json", "content-encoding": encoding},
+            )
+            assert response.status_code == 200, response.text
+            assert response.json()["ssn"] == "123-45-6789"
+    received = deployment.upstream.received()
+    assert all("content-encoding" not in r["headers"] for r in received)
+    assert_no_phi(received)
+
+
+def test_oversized_content_length_is_refused_before_the_body_is_read(deployment: Deployment) -> None:
+    with socket.create_connection(("127.0.0.1", int(deployment.url.rsplit(":", 1)[1])), timeout=5) as sock:
+        sock.sendall(
+            b"PUT /patients/p-big HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 10000000\r\n\r\n{"
+        )
+        reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 413") and b"body_too_large" in reply
+    assert deployment.upstream.received() == []
+
+
+def test_slow_body_gets_408(deployment: Deployment) -> None:
+    with socket.create_connection(("127.0.0.1", int(deployment.url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(
+            b"PUT /patients/p-slow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 30\r\n\r\n{"ssn": '
+        )
+        started = time.monotonic()
+        reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply
+    assert time.monotonic() - started < 9  # the body deadline fired, not the socket timeout
+    assert deployment.upstream.received() == []
+
+
+def test_a_moved_token_fails_closed_and_redact_routes_null_it(deployment: Deployment) -> None:
+    with deployment.client() as client:
+        put(client, "t-1")
+        put(client, "t-2", {**PATIENT, "ssn": "999-99-9999"})
+    stored, other = deployment.read_at_rest("t-1"), deployment.read_at_rest("t-2")
+    deployment.write_at_rest({**stored, "ssn": other["ssn"]})  # t-2's SSN token moved into t-1's record
+    with deployment.client() as client:
+        single = client.get("/patients/t-1")  # on_error: redact
+        assert single.status_code == 200 and single.json()["ssn"] is None
+        assert single.json()["dob"] == PATIENT["dob"]
+        listing = client.get("/patients", params={"limit": "1000"})  # on_error: fail
+        assert listing.status_code == 502 and error_code(listing) == "integrity_error"
+        assert "999-99-9999" not in listing.text and "123-45-6789" not in listing.text
+
+
+def test_unmatched_routes_pass_through_untouched(deployment: Deployment) -> None:
+    with deployment.client() as client:
+        response = client.get("/_received")
+    assert response.status_code == 200
+
+
+def test_error_responses_of_the_upstream_pass_unchanged(deployment: Deployment) -> None:
+    with deployment.client() as client:
+        missing = client.get("/patients/nobody")
+    assert missing.status_code == 404 and missing.json() == {"error": "not found"}
+
+
+def test_the_canaries_would_catch_a_leak(deployment: Deployment) -> None:
+    with deployment.client() as client:
+        put(client, "k-1")
+        seen_by_client = client.get("/patients/k-1").text
+    for canary in PHI_CANARIES:
+        if canary != "123456789":  # the digits-only form appears only if something normalizes and leaks
+            assert canary in seen_by_client
+    with pytest.raises(AssertionError):
+        assert_no_phi([{"body": seen_by_client}])
