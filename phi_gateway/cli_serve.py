@@ -22,12 +22,13 @@ from phi_gateway.exceptions import PHIGatewayError
 from phi_gateway.gateway import Gateway
 from phi_gateway.keyring import create_keyring
 from phi_gateway.pepper import create_pepper_file
+from phi_gateway.server import HeaderDeadlineProtocol
 
-# uvicorn settings every gateway run uses: httptools refuses Content-Length together with
-# Transfer-Encoding where h11 accepts it (request smuggling); the access log would print
-# query strings, which carry PHI before the gateway rewrites them.
+# uvicorn settings every gateway run uses: httptools (via HeaderDeadlineProtocol) refuses
+# Content-Length together with Transfer-Encoding where h11 accepts it (request smuggling);
+# the access log would print query strings, which carry PHI before the gateway rewrites them.
 SERVER_OPTIONS: dict[str, Any] = {
-    "http": "httptools",
+    "http": HeaderDeadlineProtocol,
     "access_log": False,
     "proxy_headers": False,
     "server_header": False,

@@ -43,6 +43,7 @@ class GatewayConfig:
     max_response: int = 16 << 20
     max_depth: int = 64
     body_timeout: float = 30.0
+    header_timeout: float = 10.0
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 30.0
     upstream_max_connections: int = 100

@@ -1,4 +1,4 @@
-"""A small "legacy" patients API that keeps its data in SQLite: the upstream of
+"""A small "legacy" patients API (and a sliver of FHIR R4) that keeps its data in SQLite: the upstream of
 ``phi-gateway demo`` and of the end-to-end tests. It knows nothing of encryption; it
 stores what it is sent and searches by whatever index columns it is given.
 
@@ -20,45 +20,53 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 INDEXES = ("ssn_bidx", "phone_bidx", "name_dob_bidx")
+FHIR_INDEXES = ("ssn_bidx", "family_birthdate_bidx")
 
 
 class PatientStore:
-    def __init__(self, path: str) -> None:
-        self.db = sqlite3.connect(path, check_same_thread=False)
-        columns = ", ".join(f"{name} TEXT" for name in INDEXES)  # names are constants, not input
-        self.db.execute(
-            f"CREATE TABLE IF NOT EXISTS patients (id TEXT PRIMARY KEY, body TEXT NOT NULL, {columns})"
-        )
-        for name in INDEXES:
-            self.db.execute(f"CREATE INDEX IF NOT EXISTS patients_{name} ON patients ({name})")
-        self.db.commit()
+    """One SQLite table of JSON documents with a column per index. Table and column names
+    are constants of this module, never input."""
+
+    def __init__(
+        self, db: sqlite3.Connection, table: str = "patients", indexes: tuple[str, ...] = INDEXES
+    ) -> None:
+        self.db, self.table, self.indexes = db, table, indexes
+        columns = ", ".join(f"{name} TEXT" for name in indexes)
+        db.execute(f"CREATE TABLE IF NOT EXISTS {table} (id TEXT PRIMARY KEY, body TEXT NOT NULL, {columns})")
+        for name in indexes:
+            db.execute(f"CREATE INDEX IF NOT EXISTS {table}_{name} ON {table} ({name})")
+        db.commit()
 
     def put(self, patient: dict[str, Any]) -> None:
+        marks = ", ".join("?" * (2 + len(self.indexes)))
         self.db.execute(
-            f"INSERT OR REPLACE INTO patients (id, body, {', '.join(INDEXES)}) VALUES (?, ?, ?, ?, ?)",  # noqa: S608
-            (str(patient["id"]), orjson.dumps(patient).decode(), *(patient.get(n) for n in INDEXES)),
+            f"INSERT OR REPLACE INTO {self.table} (id, body, {', '.join(self.indexes)}) VALUES ({marks})",  # noqa: S608
+            (str(patient["id"]), orjson.dumps(patient).decode(), *(patient.get(n) for n in self.indexes)),
         )
         self.db.commit()
 
     def clear(self) -> None:
-        self.db.execute("DELETE FROM patients")
+        self.db.execute(f"DELETE FROM {self.table}")  # noqa: S608
         self.db.commit()
 
     def get(self, patient_id: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT body FROM patients WHERE id = ?", (patient_id,)).fetchone()
+        row = self.db.execute(f"SELECT body FROM {self.table} WHERE id = ?", (patient_id,)).fetchone()  # noqa: S608
         return orjson.loads(row[0]) if row else None
 
     def search(self, criteria: dict[str, str], limit: int) -> list[dict[str, Any]]:
+        criteria = {k: v for k, v in criteria.items() if k in self.indexes}
         where = " AND ".join(f"{name} = ?" for name in criteria) or "1 = 1"
         rows = self.db.execute(
-            f"SELECT body FROM patients WHERE {where} ORDER BY id LIMIT ?",  # noqa: S608 - names from INDEXES
+            f"SELECT body FROM {self.table} WHERE {where} ORDER BY id LIMIT ?",  # noqa: S608
             (*criteria.values(), limit),
         ).fetchall()
         return [orjson.loads(row[0]) for row in rows]
 
 
 def create_upstream(db_path: str = ":memory:", *, record: bool = False) -> Starlette:
-    store = PatientStore(db_path)
+    db = sqlite3.connect(db_path, check_same_thread=False)
+    store = PatientStore(db)
+    fhir = PatientStore(db, "fhir_patients", FHIR_INDEXES)
     received: list[dict[str, Any]] = []
 
     async def remember(request: Request) -> bytes:
@@ -97,19 +105,50 @@ def create_upstream(db_path: str = ":memory:", *, record: bool = False) -> Starl
 
     async def list_patients(request: Request) -> Response:
         await remember(request)
-        criteria = {k: v for k, v in request.query_params.items() if k in INDEXES}
-        return JSONResponse(store.search(criteria, int(request.query_params.get("limit", "100"))))
+        return JSONResponse(
+            store.search(dict(request.query_params), int(request.query_params.get("limit", "100")))
+        )
 
     async def search_patients(request: Request) -> Response:
         query = orjson.loads(await remember(request))
-        criteria = {k: v for k, v in query.items() if k in INDEXES}
-        return JSONResponse(store.search(criteria, int(query.get("limit", 100))))
+        return JSONResponse(store.search(query, int(query.get("limit", 100))))
+
+    async def fhir_put(request: Request) -> Response:
+        resource = orjson.loads(await remember(request))
+        resource["id"] = request.path_params["id"]
+        fhir.put(resource)
+        return JSONResponse(resource, media_type="application/fhir+json")
+
+    async def fhir_get(request: Request) -> Response:
+        await remember(request)
+        resource = fhir.get(request.path_params["id"])
+        if resource is None:
+            return JSONResponse({"resourceType": "OperationOutcome"}, status_code=404)
+        return JSONResponse(resource, media_type="application/fhir+json")
+
+    async def fhir_transaction(request: Request) -> Response:
+        bundle = orjson.loads(await remember(request))
+        for entry in bundle.get("entry", []):
+            fhir.put(entry["resource"])
+        return JSONResponse({"resourceType": "Bundle", "type": "transaction-response"})
+
+    async def fhir_search(request: Request) -> Response:
+        await remember(request)
+        found = fhir.search(dict(request.query_params), 100)
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(found),
+            "entry": [{"resource": r} for r in found],
+        }
+        return JSONResponse(bundle, media_type="application/fhir+json")
 
     async def show_received(request: Request) -> Response:
         if request.method == "DELETE":
             received.clear()
             if request.query_params.get("data") == "1":  # a clean slate for the next test
                 store.clear()
+                fhir.clear()
         return JSONResponse(received)
 
     routes = [
@@ -118,6 +157,10 @@ def create_upstream(db_path: str = ":memory:", *, record: bool = False) -> Starl
         Route("/patients/search", search_patients, methods=["POST"]),
         Route("/patients/{patient_id}", get_patient, methods=["GET"]),
         Route("/patients/{patient_id}", put_patient, methods=["PUT"]),
+        Route("/fhir", fhir_transaction, methods=["POST"]),
+        Route("/fhir/Patient", fhir_search, methods=["GET"]),
+        Route("/fhir/Patient/{id}", fhir_get, methods=["GET"]),
+        Route("/fhir/Patient/{id}", fhir_put, methods=["PUT"]),
     ]
     if record:
         routes.append(Route("/_received", show_received, methods=["GET", "DELETE"]))

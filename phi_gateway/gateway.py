@@ -19,6 +19,7 @@ from phi_gateway.middleware import PHIMiddleware
 from phi_gateway.pepper import Pepper
 from phi_gateway.policy import load_policies
 from phi_gateway.proxy import ProxyApp, UpstreamSettings
+from phi_gateway.server import HeaderDeadlineProtocol
 
 log = logging.getLogger("phi_gateway")
 
@@ -79,4 +80,6 @@ class Gateway:
 
 def create_app() -> ASGIApp:
     """Factory for uvicorn workers: the config comes through ``PHI_GATEWAY_*`` variables."""
-    return Gateway(load_config(os.environ.get("PHI_GATEWAY_CONFIG") or None))
+    config = load_config(os.environ.get("PHI_GATEWAY_CONFIG") or None)
+    HeaderDeadlineProtocol.header_timeout = config.header_timeout  # read when connections open
+    return Gateway(config)

@@ -242,3 +242,23 @@ def test_hop_by_hop_and_forwarding_headers(secrets_dir: Path, upstream_process: 
     assert headers["x-forwarded-host"].startswith("127.0.0.1:")
     assert headers["x-kept"] == "end-to-end"
     assert headers["host"] == upstream_process.url.removeprefix("http://")
+
+
+def test_slowloris_head_gets_408_and_others_are_served(secrets_dir: Path, upstream_process: Upstream) -> None:
+    from phi_gateway.server import HeaderDeadlineProtocol
+
+    upstream_process.reset(data=True)
+    HeaderDeadlineProtocol.header_timeout = 0.5
+    try:
+        with proxy_deployment(upstream_process, secrets_dir) as gateway:
+            port = int(gateway.url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+                slow.sendall(b"PUT /patients/p-1 HTTP/1.1\r\nHost: x\r\n")  # and then nothing more
+                with gateway.client() as client:  # meanwhile another client is served
+                    assert client.get("/patients/nobody").status_code == 404
+                reply = slow.recv(4096)
+                assert slow.recv(4096) == b""  # closed
+    finally:
+        HeaderDeadlineProtocol.header_timeout = 10.0
+    assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply
+    assert [r["path"] for r in upstream_process.received()] == ["/patients/nobody"]

@@ -244,3 +244,34 @@ def test_the_canaries_would_catch_a_leak(deployment: Deployment) -> None:
             assert canary in seen_by_client
     with pytest.raises(AssertionError):
         assert_no_phi([{"body": seen_by_client}])
+
+
+FHIR_PATIENT: dict[str, Any] = json.loads((SAMPLES / "fhir-patient.json").read_text())
+FHIR_BUNDLE: dict[str, Any] = json.loads((SAMPLES / "fhir-bundle.json").read_text())
+
+
+def test_fhir_patient_and_bundle_round_trip_and_search(deployment: Deployment) -> None:
+    fhir_json = {"content-type": "application/fhir+json"}
+    with deployment.client() as client:
+        put_one = client.put("/fhir/Patient/example-42", content=json.dumps(FHIR_PATIENT), headers=fhir_json)
+        assert put_one.status_code == 200, put_one.text
+        bundle = client.post("/fhir", content=json.dumps(FHIR_BUNDLE), headers=fhir_json)
+        assert bundle.status_code == 200, bundle.text
+        read = client.get("/fhir/Patient/example-42").json()
+        assert {k: v for k, v in read.items() if not k.endswith("_bidx")} == FHIR_PATIENT
+        deployment.keys.clear()
+        calls = deployment.keys.stats.decrypt_calls
+        found = client.get("/fhir/Patient", params={"identifier": "111-22-3333"}).json()
+        assert [e["resource"]["id"] for e in found["entry"]] == ["b-1"]
+        assert found["entry"][0]["resource"]["name"][0]["family"] == "Smith"
+        everyone = client.get("/fhir/Patient").json()
+        assert len(everyone["entry"]) == 3
+        # per_policy: both writes used one cached data key, so three patients (about 25
+        # tokens) cost a single unwrap
+        assert deployment.keys.stats.generate_calls == 1
+        assert deployment.keys.stats.decrypt_calls - calls == 1
+    received = deployment.upstream.received()
+    assert_no_phi(
+        received, ("123-45-6789", "Chalmers", "1974-12-25", "Erewhon", "111-22-3333", "Smith", "Søren")
+    )
+    assert "ssn_bidx=" in next(r["query"] for r in received if r["method"] == "GET" and r["query"])
