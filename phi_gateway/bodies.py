@@ -121,4 +121,8 @@ def inflate_response(body: bytes, encoding: str, limit: int) -> bytes:
         ) from None
     if len(out) > limit or inflater.unconsumed_tail:
         raise HTTPError(502, "upstream_body_too_large", "upstream response inflates beyond the limit")
+    if not inflater.eof:
+        raise HTTPError(
+            502, "upstream_content_encoding", f"upstream response is a truncated {encoding} stream"
+        )
     return out

@@ -32,6 +32,8 @@ SERVER_OPTIONS: dict[str, Any] = {
     "access_log": False,
     "proxy_headers": False,
     "server_header": False,
+    "date_header": False,  # the upstream's Date is relayed; two would contradict each other
+    "lifespan": "on",  # a failed startup (pepper, keys) must stop the server, not be ignored
     "log_level": "info",
 }
 

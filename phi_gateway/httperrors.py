@@ -30,6 +30,8 @@ def http_error(exc: BaseException, *, upstream_side: bool = False) -> HTTPError:
         if upstream_side:
             return HTTPError(502, f"upstream_{exc.code}", f"upstream response: {exc}")
         return HTTPError(400, exc.code, str(exc))
+    if isinstance(exc, UnknownMasterKey) and not upstream_side:
+        return HTTPError(500, "configuration", "the policy's master key is not one the gateway may use")
     if isinstance(exc, InvalidToken | UnknownMasterKey):
         return HTTPError(502, "integrity_error", "a protected field did not authenticate")
     if isinstance(exc, KeyAccessDenied):

@@ -11,6 +11,7 @@ to policy routes are buffered, decrypted and re-serialized; nothing partial is s
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +32,11 @@ from phi_gateway.transform import decrypt_response, encrypt_request, rewrite_que
 log = logging.getLogger("phi_gateway")
 
 # Headers the body rewrite invalidates: the app gets one exact Content-Length instead.
-_BODY_HEADERS = {b"content-length", b"transfer-encoding", b"content-encoding"}
+_BODY_HEADERS = {b"content-length", b"transfer-encoding", b"content-encoding", b"expect"}
+# Requests for part of a response cannot be decrypted; validators describe the ciphertext.
+_PARTIAL = {b"range", b"if-range"}
+_VALIDATORS = {b"etag", b"last-modified", b"content-md5", b"digest", b"accept-ranges", b"cache-control"}
+_NO_BODY_STATUS = {204, 205, 304}
 
 
 def _serialize(doc: Any, *, upstream_side: bool) -> bytes:
@@ -40,6 +45,32 @@ def _serialize(doc: Any, *, upstream_side: bool) -> bytes:
     except orjson.JSONEncodeError:  # a lone surrogate the parser let through
         status, code = (502, "upstream_invalid_json") if upstream_side else (400, "invalid_json")
         raise HTTPError(status, code, "JSON text contains an unpaired surrogate") from None
+
+
+_AMBIGUOUS = re.compile(rb"%2[eEfF]|%5[cC]|\\|;")
+_AMBIGUOUS_PATH = HTTPError(
+    400, "ambiguous_path", "path must be plain: no dot or empty segments, encoded slashes, backslashes or ';'"
+)
+
+
+def _route_path(scope: Scope) -> str | None:
+    """The path policies are matched on, or None when upstreams could read it differently.
+
+    Dot segments (raw or encoded), empty segments, encoded slashes or backslashes and ';'
+    are normalized, or not, differently by every server and client library: a request
+    spelled that way could match no policy here and a protected route upstream.
+    """
+    raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+    if not raw.startswith(b"/") or _AMBIGUOUS.search(raw):
+        return None
+    segments = raw.split(b"/")[1:]
+    if any(s in (b".", b"..") for s in segments) or b"" in segments[:-1]:
+        return None
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):  # mounted under a prefix: policies name the app's own paths
+        path = path[len(root) :] or "/"
+    return path
 
 
 class PHIMiddleware:
@@ -69,13 +100,24 @@ class PHIMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        head = scope["method"] == "HEAD"
+        path = _route_path(scope)
+        if path is None:
+            await send_error(send, _AMBIGUOUS_PATH, head=head)
+            return
         policies = self._policies()
-        found = policies.match(scope["method"], scope["path"])
+        found = policies.match(scope["method"], path)
         if found is None:
-            if policies.unmatched == "deny":
-                await send_error(send, HTTPError(403, "route_not_allowed", "no policy allows this route"))
-                return
-            await self.app(scope, receive, send)
+            if policies.claims(path):  # a policy path with a method no route names: never pass it
+                await send_error(
+                    send, HTTPError(405, "method_not_allowed", "no policy route has this method"), head=head
+                )
+            elif policies.unmatched == "deny":
+                await send_error(
+                    send, HTTPError(403, "route_not_allowed", "no policy allows this route"), head=head
+                )
+            else:
+                await self.app(scope, receive, send)
             return
         await _Exchange(self, found, scope, receive, send).run()
 
@@ -162,10 +204,15 @@ class _Exchange:
             self.scope["query_string"] = rewritten.encode("ascii")
         raw_headers = list(self.scope["headers"])
         if self.route.response is not None:
-            # Ask for an uncompressed response: it has to be decrypted, not relayed.
-            raw_headers = [(k, v) for k, v in raw_headers if k.lower() != b"accept-encoding"]
+            # Ask for a whole, uncompressed response: it has to be decrypted, not relayed.
+            raw_headers = [
+                (k, v) for k, v in raw_headers if k.lower() not in (_PARTIAL | {b"accept-encoding"})
+            ]
             raw_headers.append((b"accept-encoding", b"identity"))
         if self.route.request is None:
+            # Forward what we parsed: a body on a route with no request rule was not parsed.
+            if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+                raise HTTPError(400, "unexpected_body", "this route takes no request body")
             self.scope["headers"] = raw_headers
             return self.receive
         body = await read_body(self.receive, headers, self.mw.limits)
@@ -193,7 +240,13 @@ class _Exchange:
         assert rule is not None
         if message["type"] == "http.response.start":
             headers = Headers(raw=message["headers"])
-            if rule.applies_to(message["status"]) and is_json(headers.get("content-type")) and not self.head:
+            status = message["status"]
+            if (
+                rule.applies_to(status)
+                and status not in _NO_BODY_STATUS
+                and is_json(headers.get("content-type"))
+                and not self.head
+            ):
                 self.response_start = message
                 return
             await self.send_through(message)
@@ -222,12 +275,15 @@ class _Exchange:
             except Exception as exc:
                 raise http_error(exc, upstream_side=True) from None
             lowered = {k.lower(): v for k, v in Headers(scope=self.scope).items()}
-            await decrypt_response(
+            report = await decrypt_response(
                 doc, rule, DocScope(self.params, lowered), keys=self.mw.keys, pepper=self.mw.pepper
             )
+            if report.plaintext_seen:  # stored before the gateway, or written around it
+                log.warning("plaintext at protected paths: %s", dict(report.plaintext_seen))
             body = _serialize(doc, upstream_side=True)
-        raw = [(k, v) for k, v in start["headers"] if k.lower() not in _BODY_HEADERS]
+        raw = [(k, v) for k, v in start["headers"] if k.lower() not in _BODY_HEADERS | _VALIDATORS]
         raw.append((b"content-length", str(len(body)).encode()))
+        raw.append((b"cache-control", b"private, no-store"))  # decrypted PHI: no shared cache
         self.client_started = True
         await self.send({**start, "headers": raw})
         await self.send({"type": "http.response.body", "body": body})

@@ -117,7 +117,10 @@ class PathTemplate:
             else:
                 shape.append(segment)
                 regex += "/" + re.escape(segment)
-        return cls(text, re.compile((regex or "/") + "/?" if regex else "/"), tuple(params), tuple(shape))
+        # Literal segments match whatever their case: an upstream that ignores case must not
+        # be reachable around the policy by spelling a path differently.
+        pattern = re.compile(regex + "/?" if regex else "/", re.IGNORECASE)
+        return cls(text, pattern, tuple(params), tuple(shape))
 
     def match(self, path: str) -> dict[str, str] | None:
         found = self.pattern.fullmatch(path)
@@ -160,7 +163,18 @@ class PolicySet:
     names: tuple[str, ...] = field(default=())
 
     def match(self, method: str, path: str) -> RouteMatch | None:
+        """The route for this request; HEAD is served by the GET route when none names HEAD."""
         method = method.upper()
+        found = self._match(method, path)
+        if found is None and method == "HEAD":
+            found = self._match("GET", path)
+        return found
+
+    def claims(self, path: str) -> bool:
+        """Whether some route names this path, for any method."""
+        return any(route.template.match(path) is not None for route in self.routes)
+
+    def _match(self, method: str, path: str) -> RouteMatch | None:
         for route in self.routes:
             if method in route.methods:
                 params = route.template.match(path)

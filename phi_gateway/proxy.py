@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from starlette.types import Message, Receive, Scope, Send
+from yarl import URL
 
 from phi_gateway.exceptions import HTTPError
 from phi_gateway.httperrors import send_error
@@ -49,13 +50,17 @@ class UpstreamSettings:
             raise ValueError("upstream timeouts and max_connections must be positive.")
 
 
+# A client must not be able to strip these by naming them in Connection.
+_NEVER_HOP = frozenset({b"content-length", b"content-type", b"content-encoding", b"host", b"location"})
+
+
 def _dropped(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     """Hop-by-hop names, including every token a Connection header lists."""
     names = set(HOP_BY_HOP)
     for name, value in headers:
         if name.lower() == b"connection":
             names.update(token.strip().lower() for token in value.split(b",") if token.strip())
-    return names
+    return names - _NEVER_HOP
 
 
 class ProxyApp:
@@ -64,6 +69,7 @@ class ProxyApp:
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
             raise ValueError("upstream must be an http(s) URL with no query or fragment.")
         self.upstream = upstream.rstrip("/")
+        self.origin = f"{parts.scheme}://{parts.netloc}".encode("latin-1")
         self.settings = settings or UpstreamSettings()
         self._session: aiohttp.ClientSession | None = None
 
@@ -119,11 +125,14 @@ class _Forward:
         self.send = send
         self.started = False
 
-    def url(self) -> str:
+    def url(self) -> URL:
         path = self.scope.get("raw_path") or self.scope["path"].encode("utf-8")
+        if not path.startswith(b"/"):  # "OPTIONS *" and absolute forms have no place upstream
+            raise HTTPError(400, "ambiguous_path", "request target must be a path")
         query = self.scope.get("query_string", b"")
-        text: str = path.decode("latin-1")
-        return self.proxy.upstream + text + ("?" + query.decode("latin-1") if query else "")
+        text = self.proxy.upstream + path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+        # encoded=True: send the path exactly as checked, without yarl normalizing it again.
+        return URL(text, encoded=True)
 
     def headers(self) -> list[tuple[str, str]]:
         raw: list[tuple[bytes, bytes]] = self.scope["headers"]
@@ -166,6 +175,10 @@ class _Forward:
             await self.exchange()
         except _ClientGone:
             return
+        except HTTPError as error:
+            if self.started:
+                raise  # from the app's own send (e.g. the middleware refusing a response)
+            await send_error(self.send, error, head=self.scope["method"] == "HEAD")
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             await self.upstream_failed(
                 HTTPError(504, "upstream_timeout", "the upstream did not answer in time"), exc
@@ -194,12 +207,19 @@ class _Forward:
             compress=None,
         ) as response:
             raw = [(k, v) for k, v in response.raw_headers]
-            dropped = _dropped(raw)
-            headers = [(k.lower(), v) for k, v in raw if k.lower() not in dropped]
+            dropped = _dropped(raw) | {b"server"}
+            headers = [(k.lower(), self.relocate(k.lower(), v)) for k, v in raw if k.lower() not in dropped]
             await self._send({"type": "http.response.start", "status": response.status, "headers": headers})
             async for chunk in response.content.iter_any():
                 await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
             await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def relocate(self, name: bytes, value: bytes) -> bytes:
+        """A redirect to the upstream's own origin points back at the gateway instead, as
+        nginx's proxy_redirect does: a client following it must not bypass the gateway."""
+        if name in (b"location", b"content-location") and value.startswith(self.proxy.origin):
+            return value[len(self.proxy.origin) :] or b"/"
+        return value
 
     async def _send(self, message: Message) -> None:
         self.started = True

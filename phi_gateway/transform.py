@@ -270,6 +270,10 @@ def _integrity_failure(rule: ResponseRule, parent: Any, key: Any, canonical: str
     report.redacted[canonical] += 1
 
 
+def _fold(name: str) -> str:
+    return "".join(ch for ch in name.casefold() if ch.isalnum())
+
+
 def rewrite_query(query: str, rules: Sequence[QueryRule], pepper: Pepper | None) -> tuple[str, Counter[str]]:
     """Replace searched query parameters with their blind indexes; the plaintext never leaves.
 
@@ -283,6 +287,13 @@ def rewrite_query(query: str, rules: Sequence[QueryRule], pepper: Pepper | None)
         pairs = parse_qsl(query, keep_blank_values=True, errors="strict")
     except (UnicodeDecodeError, ValueError):
         raise DocumentError("query_invalid", "query string is not valid UTF-8 form encoding") from None
+    # Upstream frameworks read "SSN", "ssn[]" or "ssn%00" as "ssn": such a spelling would
+    # carry the plaintext past the rewrite, so it is refused.
+    protected = {name for rule in rules for name in rule.params}
+    folded = {_fold(name): name for name in protected}
+    for name, _ in pairs:
+        if name not in protected and _fold(name) in folded:
+            raise DocumentError("query_ambiguous", f"query parameter spelled like {folded[_fold(name)]!r}")
     for rule in rules:
         present = [name for name in rule.params if any(k == name for k, _ in pairs)]
         if not present:

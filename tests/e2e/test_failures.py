@@ -56,6 +56,12 @@ class FakeUpstream:
         elif self.behaviour == "reset":
             writer.transport.abort()
             return
+        elif self.behaviour == "redirect":
+            writer.write(
+                f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {self.url}/patients/p-7\r\n".encode()
+                + b"Content-Location: https://elsewhere.example/x\r\nContent-Length: 0\r\n\r\n"
+            )
+            await writer.drain()
         writer.close()
 
     def __enter__(self) -> FakeUpstream:
@@ -262,3 +268,48 @@ def test_slowloris_head_gets_408_and_others_are_served(secrets_dir: Path, upstre
         HeaderDeadlineProtocol.header_timeout = 10.0
     assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply
     assert [r["path"] for r in upstream_process.received()] == ["/patients/nobody"]
+
+
+def test_redirects_to_the_upstream_point_back_at_the_gateway(secrets_dir: Path) -> None:
+    with (
+        FakeUpstream("redirect") as fake,
+        proxy_deployment(Upstream(fake.url), secrets_dir) as gateway,
+        gateway.client() as client,
+    ):
+        response = client.put("/patients/p-7/", json=PATIENT)
+    assert response.status_code == 307
+    assert response.headers["location"] == "/patients/p-7"  # relative: the client comes back through us
+    assert response.headers["content-location"] == "https://elsewhere.example/x"  # not ours to rewrite
+    assert fake.url.encode() not in repr(response.headers).encode()
+
+
+def test_request_target_that_is_not_a_path_is_refused(secrets_dir: Path, upstream_process: Upstream) -> None:
+    upstream_process.reset(data=True)
+    with proxy_deployment(upstream_process, secrets_dir) as gateway:
+        port = int(gateway.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 400") and b"ambiguous_path" in reply
+    assert upstream_process.received() == []
+
+
+def test_a_failed_startup_stops_serve(secrets_dir: Path, upstream_process: Upstream) -> None:
+    env = {
+        **os.environ,
+        "PHI_GATEWAY_UPSTREAM": upstream_process.url,
+        "PHI_GATEWAY_KEYRING": str(secrets_dir / "keyring.json"),
+        "PHI_GATEWAY_PEPPER_SECRET_ID": "phi/pepper",
+        "PHI_GATEWAY_AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+        "PHI_GATEWAY_POLICIES": str(POLICIES),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "phi_gateway", "serve", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "Application startup failed" in done.stdout + done.stderr

@@ -275,3 +275,68 @@ def test_fhir_patient_and_bundle_round_trip_and_search(deployment: Deployment) -
         received, ("123-45-6789", "Chalmers", "1974-12-25", "Erewhon", "111-22-3333", "Smith", "Søren")
     )
     assert "ssn_bidx=" in next(r["query"] for r in received if r["method"] == "GET" and r["query"])
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/x/../patients/p-2",
+        "/patients/./p-2",
+        "/patients/%2e/p-2",
+        "/patients/x/%2E%2E/p-2",
+        "//patients/p-2",
+        "/patients%2Fp-2",
+        "/patients;v=1/p-2",
+        "/patients\\p-2",
+    ],
+)
+def test_paths_an_upstream_might_normalize_are_refused(deployment: Deployment, target: str) -> None:
+    port = int(deployment.url.rsplit(":", 1)[1])
+    body = b'{"ssn": "123-45-6789"}'
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(
+            f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 400") and b"ambiguous_path" in reply
+    assert deployment.upstream.received() == []
+
+
+def test_policy_paths_match_whatever_their_case(deployment: Deployment) -> None:
+    with deployment.client() as client:
+        response = client.put("/PATIENTS/p-3", json=PATIENT)
+    assert response.status_code in (404, 405)  # the demo API is case-sensitive; the gateway was not fooled
+    assert_no_phi(deployment.upstream.received())
+
+
+def test_methods_and_heads_on_policy_paths(deployment: Deployment) -> None:
+    with deployment.client() as client:
+        patch = client.patch("/patients/p-1", json={"ssn": "123-45-6789"})
+        head = client.head("/patients", params={"ssn": "123-45-6789"})
+        body_on_get = client.request("GET", "/patients/p-1", content=b'{"ssn": "123-45-6789"}')
+    assert patch.status_code == 405 and error_code(patch) == "method_not_allowed"
+    assert head.status_code == 200
+    assert body_on_get.status_code == 400 and error_code(body_on_get) == "unexpected_body"
+    received = deployment.upstream.received()
+    assert [(r["method"], r["query"].split("=")[0]) for r in received] == [("HEAD", "ssn_bidx")]
+    assert_no_phi(received)
+
+
+@pytest.mark.parametrize("name", ["SSN", "ssn[]", "Ssn", "s_sn", "ssn%00"])
+def test_query_names_that_fold_to_a_searched_one_are_refused(deployment: Deployment, name: str) -> None:
+    with deployment.client() as client:
+        response = client.get(f"/patients?{name}=123-45-6789")
+    assert response.status_code == 400 and error_code(response) == "query_ambiguous"
+    assert deployment.upstream.received() == []
+
+
+def test_decrypted_responses_are_not_cacheable(deployment: Deployment) -> None:
+    with deployment.client() as client:
+        put(client, "cc-1")
+        response = client.get("/patients/cc-1", headers={"Range": "bytes=0-10"})
+    assert response.status_code == 200 and response.json()["ssn"] == "123-45-6789"
+    assert response.headers["cache-control"] == "private, no-store"
+    assert "etag" not in response.headers
+    assert "range" not in deployment.upstream.received()[-1]["headers"]
