@@ -170,7 +170,7 @@ def test_unmatched_deny_refuses_other_routes(
 
 @pytest.fixture(scope="module")
 def served(secrets_dir: Path, upstream_process: Upstream) -> Iterator[str]:
-    """``phi-gateway serve`` as shipped, configured through the environment."""
+    """``phi-gateway serve`` as shipped, two workers, configured through the environment."""
     secrets = secrets_dir
     port = free_port()
     env = {
@@ -181,7 +181,7 @@ def served(secrets_dir: Path, upstream_process: Upstream) -> Iterator[str]:
         "PHI_GATEWAY_POLICIES": str(POLICIES),
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "phi_gateway", "serve", "--port", str(port)],
+        [sys.executable, "-m", "phi_gateway", "serve", "--port", str(port), "--workers", "2"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -199,7 +199,9 @@ def test_serve_round_trip(served: str, upstream_process: Upstream) -> None:
     upstream_process.reset(data=True)
     with httpx.Client(base_url=served) as client:
         assert client.put("/patients/sv-1", json=PATIENT).status_code == 200
-        assert client.get("/patients", params={"ssn": "123-45-6789"}).json()[0]["ssn"] == "123-45-6789"
+        for _ in range(6):  # new connections land on either worker; both hold the same keys
+            with httpx.Client(base_url=served) as fresh:
+                assert fresh.get("/patients", params={"ssn": "123-45-6789"}).json()[0]["ssn"] == "123-45-6789"
     assert "123-45-6789" not in repr(upstream_process.received())
 
 
