@@ -38,6 +38,9 @@ SERVER_OPTIONS: dict[str, Any] = {
 }
 
 
+_DEMO_CLINICIAN = {"X-User": "dr-demo", "X-Roles": "clinician"}
+
+
 def _fail(message: str) -> None:
     click.echo(f"phi-gateway: error: {message}", err=True)
     raise SystemExit(1)
@@ -89,11 +92,11 @@ class _Server(uvicorn.Server):
 
 async def _showcase(gateway: str, db: Path) -> None:
     patient = orjson.loads((Path(__file__).parent / "demo_patient.json").read_bytes())
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=_DEMO_CLINICIAN) as http:
         async with http.put(f"{gateway}/patients/p-1001", json=patient) as response:
             echoed = await response.json()
         click.echo(
-            f"\n1. PUT /patients/p-1001 through the gateway -> {response.status}; the client sees plaintext:"
+            f"\n1. PUT /patients/p-1001 through the gateway -> {response.status}; a clinician sees plaintext:"
         )
         click.echo(f"   ssn={echoed['ssn']!r} dob={echoed['dob']!r}")
         row = (
@@ -110,6 +113,10 @@ async def _showcase(gateway: str, db: Path) -> None:
         click.echo(
             f"\n3. GET /patients?ssn=123+45+6789 -> {len(found)} match; the upstream saw only ssn_bidx=..."
         )
+        async with http.get(f"{gateway}/patients/p-1001", headers={"X-Roles": "nurse"}) as response:
+            nurse = await response.json()
+        shown = "shown" if "notes" in nurse else "removed"
+        click.echo(f"\n4. The same record for a nurse: ssn={nurse['ssn']!r}, notes {shown} (reveal rules)")
 
 
 async def _run_demo(port: int, upstream_port: int, workdir: Path, wait: bool) -> None:
@@ -122,6 +129,9 @@ async def _run_demo(port: int, upstream_port: int, workdir: Path, wait: bool) ->
         create_pepper_file(pepper)
     upstream_url = f"http://127.0.0.1:{upstream_port}"
     config = GatewayConfig(
+        principal_header="X-User",  # the demo trusts these headers; production uses a JWT or a real proxy
+        roles_header="X-Roles",
+        break_glass_role="emergency",
         upstream=upstream_url,
         policies=[str(Path(__file__).parent / "demo_policies")],  # a copy of policies/patients.yaml
         keyring=str(keyring),
@@ -154,12 +164,14 @@ async def _run_demo(port: int, upstream_port: int, workdir: Path, wait: bool) ->
     )
     await _showcase(gateway, db)
     click.echo(f"""
-Try it yourself:
-  curl -s -X PUT {gateway}/patients/p-2 -H 'content-type: application/json' \\
-       -d '{{"first_name": "Ada", "last_name": "Lovelace", "ssn": "078-05-1120", "dob": "1815-12-10"}}'
-  curl -s {gateway}/patients/p-2                       # plaintext, through the gateway
-  curl -s {upstream_url}/patients/p-2                  # what the legacy API holds: tokens
-  curl -s '{gateway}/patients?ssn=078051120'           # search by SSN via its blind index
+Try it yourself (the demo trusts X-User / X-Roles headers as if set by a login proxy):
+  curl -s -X PUT {gateway}/patients/p-2 -H 'content-type: application/json' -H 'X-User: dr-a' \\
+       -H 'X-Roles: clinician' -d '{{"first_name": "Ada", "last_name": "Lovelace", "ssn": "078-05-1120"}}'
+  curl -s {gateway}/patients/p-2 -H 'X-User: dr-a' -H 'X-Roles: clinician'   # plaintext
+  curl -s {gateway}/patients/p-2 -H 'X-User: bob' -H 'X-Roles: billing'      # SSN yes, notes no
+  curl -s {gateway}/patients/p-2                                             # 401: who is asking?
+  curl -s {upstream_url}/patients/p-2                    # what the legacy API holds: tokens
+  curl -s '{gateway}/patients?ssn=078051120' -H 'X-User: dr-a' -H 'X-Roles: clinician'  # blind index
 Keys and data in {workdir}. Ctrl-C stops everything.""")
     if not wait:
         stop()

@@ -34,6 +34,18 @@ class GatewayConfig:
     # pepper: a file, or a Secrets Manager secret id
     pepper: str | None = None
     pepper_secret_id: str | None = None
+    # caller identity: trusted proxy headers and/or a verified bearer JWT
+    principal_header: str | None = None
+    roles_header: str | None = None
+    jwt_secret_file: str | None = None
+    jwt_public_key_file: str | None = None
+    jwt_jwks_file: str | None = None
+    jwt_algorithms: list[str] = field(default_factory=list)
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_roles_claim: str = "roles"
+    break_glass_role: str | None = None
+    break_glass_reason_header: str = "X-Break-Glass-Reason"
     # data-key cache
     cache_ttl: float = 300.0
     cache_max_uses: int = 2**20

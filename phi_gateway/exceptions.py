@@ -9,6 +9,7 @@
     │   └── KeyUnavailable        the key service is unreachable, timed out, or the key is disabled
     ├── KeyringError          the local keyring file is missing, malformed or would be overwritten
     ├── PepperError           the blind-index pepper is missing, malformed or too short
+    ├── AuditError            the audit trail cannot be written, its file or chain key is unusable
     ├── PolicyError           policy files do not load: every problem, as file:line: message
     ├── InvalidPath           a JSONPath expression does not parse (also a ValueError)
     ├── DocumentError         a body cannot be transformed under its policy (has a stable ``code``)
@@ -65,6 +66,13 @@ class KeyringError(PHIGatewayError):
 
 class PepperError(PHIGatewayError):
     """The blind-index pepper cannot be created, read or used."""
+
+
+class AuditError(PHIGatewayError):
+    """The audit trail cannot take events, or its file or chain key cannot be used.
+
+    Messages name files and counts, never an event's content.
+    """
 
 
 class PolicyError(PHIGatewayError):

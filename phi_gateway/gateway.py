@@ -12,6 +12,7 @@ from phi_gateway.aws import AwsSettings
 from phi_gateway.bodies import Limits
 from phi_gateway.cache import DataKeyCache
 from phi_gateway.config import GatewayConfig, load_config
+from phi_gateway.identity import Identity, IdentitySettings
 from phi_gateway.keyring import LocalKeyring
 from phi_gateway.keys import KeyProvider
 from phi_gateway.kms import KmsKeyProvider
@@ -60,7 +61,24 @@ class Gateway:
                 max_depth=config.max_depth,
                 body_timeout=config.body_timeout,
             ),
+            identity=Identity(
+                IdentitySettings(
+                    principal_header=config.principal_header,
+                    roles_header=config.roles_header,
+                    jwt_secret_file=config.jwt_secret_file,
+                    jwt_public_key_file=config.jwt_public_key_file,
+                    jwt_jwks_file=config.jwt_jwks_file,
+                    jwt_algorithms=tuple(config.jwt_algorithms),
+                    jwt_issuer=config.jwt_issuer,
+                    jwt_audience=config.jwt_audience,
+                    jwt_roles_claim=config.jwt_roles_claim,
+                    break_glass_role=config.break_glass_role,
+                    break_glass_reason_header=config.break_glass_reason_header,
+                )
+            ),
         )
+        if not self.middleware.identity.configured:
+            log.warning("no caller identity configured: routes that require a principal answer 401")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan":

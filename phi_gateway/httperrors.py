@@ -50,13 +50,19 @@ def error_body(error: HTTPError) -> bytes:
     return orjson.dumps({"error": {"code": error.code, "message": str(error)}})
 
 
-async def send_error(send: Send, error: HTTPError, *, head: bool = False) -> None:
+async def send_error(
+    send: Send, error: HTTPError, *, head: bool = False, request_id: str | None = None
+) -> None:
     body = error_body(error)
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"cache-control", b"no-store"),
     ]
+    if request_id is not None:
+        headers.append((b"x-request-id", request_id.encode()))
+    if error.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
     if error.retry_after is not None:
         headers.append((b"retry-after", str(error.retry_after).encode()))
     if error.status in (408, 413):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from phi_gateway.bodies import ClientGone, Limits, inflate_response, is_json, re
 from phi_gateway.cache import DataKeyCache
 from phi_gateway.exceptions import HTTPError
 from phi_gateway.httperrors import http_error, send_error
+from phi_gateway.identity import Identity, Principal
 from phi_gateway.jsonvalue import loads_strict
 from phi_gateway.pepper import Pepper
 from phi_gateway.policy import PolicySet, ResponseRule, RouteMatch
@@ -37,6 +39,7 @@ _BODY_HEADERS = {b"content-length", b"transfer-encoding", b"content-encoding", b
 _PARTIAL = {b"range", b"if-range"}
 _VALIDATORS = {b"etag", b"last-modified", b"content-md5", b"digest", b"accept-ranges", b"cache-control"}
 _NO_BODY_STATUS = {204, 205, 304}
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def _serialize(doc: Any, *, upstream_side: bool) -> bytes:
@@ -84,8 +87,10 @@ class PHIMiddleware:
         keys: DataKeyCache,
         pepper: Pepper | None = None,
         limits: Limits | None = None,
+        identity: Identity | None = None,
     ) -> None:
         self.app = app
+        self.identity = identity or Identity()
         # A callable lets the gateway swap policy sets atomically (hot reload): each
         # request takes the set in force when it starts and keeps it to the end.
         self._policies = policies if callable(policies) else (lambda: policies)
@@ -169,9 +174,23 @@ class _Exchange:
         self.response_start: Message | None = None
         self.response_chunks: list[bytes] = []
         self.response_size = 0
+        self.headers = {k.lower(): v for k, v in Headers(scope=scope).items()}
+        given = self.headers.get("x-request-id", "")
+        self.request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        self.principal: Principal | None = None
+
+    @property
+    def roles(self) -> frozenset[str] | None:
+        """What reveal rules see: None (everything) only for break-glass."""
+        if self.principal is None:
+            return frozenset()
+        return None if self.principal.break_glass else self.principal.roles
 
     async def run(self) -> None:
         try:
+            self.principal = self.mw.identity.resolve(self.headers)
+            if self.principal is None and self.route.require_principal:
+                raise HTTPError(401, "authentication_required", "this route needs an authenticated caller")
             receive = await self.prepare_request()
         except ClientGone:
             return
@@ -193,7 +212,7 @@ class _Exchange:
                 "unexpected error on %s %s", self.scope["method"], self.route.template.text, exc_info=exc
             )
         self.client_started = True
-        await send_error(self.send, error, head=self.head)
+        await send_error(self.send, error, head=self.head, request_id=self.request_id)
 
     async def prepare_request(self) -> Receive:
         headers = Headers(scope=self.scope)
@@ -202,7 +221,8 @@ class _Exchange:
             query = self.scope.get("query_string", b"").decode("latin-1")
             rewritten, _ = rewrite_query(query, self.route.query, self.mw.pepper)
             self.scope["query_string"] = rewritten.encode("ascii")
-        raw_headers = list(self.scope["headers"])
+        raw_headers = [(k, v) for k, v in self.scope["headers"] if k.lower() != b"x-request-id"]
+        raw_headers.append((b"x-request-id", self.request_id.encode()))
         if self.route.response is not None:
             # Ask for a whole, uncompressed response: it has to be decrypted, not relayed.
             raw_headers = [
@@ -232,8 +252,15 @@ class _Exchange:
         return _OneBody(forwarded, self.receive)
 
     async def send_through(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": self._tagged(message["headers"])}
         self.client_started = True
         await self.send(message)
+
+    def _tagged(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        return [(k, v) for k, v in headers if k.lower() != b"x-request-id"] + [
+            (b"x-request-id", self.request_id.encode())
+        ]
 
     async def send_decrypted(self, message: Message) -> None:
         rule = self.route.response
@@ -276,7 +303,12 @@ class _Exchange:
                 raise http_error(exc, upstream_side=True) from None
             lowered = {k.lower(): v for k, v in Headers(scope=self.scope).items()}
             report = await decrypt_response(
-                doc, rule, DocScope(self.params, lowered), keys=self.mw.keys, pepper=self.mw.pepper
+                doc,
+                rule,
+                DocScope(self.params, lowered),
+                keys=self.mw.keys,
+                pepper=self.mw.pepper,
+                roles=self.roles,
             )
             if report.plaintext_seen:  # stored before the gateway, or written around it
                 log.warning("plaintext at protected paths: %s", dict(report.plaintext_seen))
@@ -285,7 +317,7 @@ class _Exchange:
         raw.append((b"content-length", str(len(body)).encode()))
         raw.append((b"cache-control", b"private, no-store"))  # decrypted PHI: no shared cache
         self.client_started = True
-        await self.send({**start, "headers": raw})
+        await self.send({**start, "headers": self._tagged(raw)})
         await self.send({"type": "http.response.body", "body": body})
 
 

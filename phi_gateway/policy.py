@@ -136,6 +136,7 @@ class PathTemplate:
 class Route:
     policy: str
     key: str | None
+    require_principal: bool
     methods: frozenset[str]
     template: PathTemplate
     request: RequestRule | None
@@ -275,6 +276,7 @@ class _Compiler:
         return Route(
             policy=self.name,
             key=self.doc.data.get("key"),
+            require_principal=self.doc.data.get("require_principal", True),
             methods=frozenset(match["methods"]),
             template=template,
             request=request,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-from phi_gateway import envelope
+from phi_gateway import envelope, reveal
 from phi_gateway.aead import IV_BYTES
 from phi_gateway.blindindex import NormalizeError
 from phi_gateway.cache import DataKeyCache
@@ -47,6 +47,7 @@ class Report:
     indexed: Counter[str] = field(default_factory=Counter)
     redacted: Counter[str] = field(default_factory=Counter)
     plaintext_seen: Counter[str] = field(default_factory=Counter)  # non-token values at decrypt paths
+    withheld: Counter[str] = field(default_factory=Counter)  # masked, removed or left as token by reveal
     key_refs: set[str] = field(default_factory=set)
 
 
@@ -206,21 +207,38 @@ async def encrypt_request(
 
 
 async def decrypt_response(
-    doc: Any, rule: ResponseRule, scope: Scope, *, keys: DataKeyCache, pepper: Pepper | None
+    doc: Any,
+    rule: ResponseRule,
+    scope: Scope,
+    *,
+    keys: DataKeyCache,
+    pepper: Pepper | None,
+    roles: frozenset[str] | None = None,
 ) -> Report:
-    """Decrypt every token at the rule's paths in place; ``on_error`` decides what a token
-    that does not authenticate becomes (``fail`` raises ``InvalidToken``, ``redact`` → null)."""
+    """Decrypt every token at the rule's paths in place, as far as ``roles`` may see it
+    (``reveal.plan``; None: everything); ``on_error`` decides what a token that does not
+    authenticate becomes (``fail`` raises ``InvalidToken``, ``redact`` → null)."""
     report = Report()
+    actions = reveal.plan(rule, roles)
     pending: list[tuple[Any, Any, str, envelope.Token, bytes, tuple[str, bytes, bytes]]] = []
     unwrap: dict[tuple[str, bytes, bytes], dict[str, str]] = {}
+    removals: list[tuple[Any, Any]] = []
     records = _records(doc, rule.records)
     for record in records:
         ctx = _context(rule.context, record, scope, pepper)
         report.contexts.append(ctx.exact)
         digest = context_digest(ctx.kms)
         for path in rule.decrypt:
+            action = actions[path.canonical]
             for parent, key in _places(path, record):
                 value = parent[key]
+                if action in ("remove", "mask", "token"):  # decided without decrypting
+                    report.withheld[path.canonical] += 1
+                    if action == "remove":
+                        removals.append((parent, key))
+                    elif action == "mask" or not envelope.is_token(value):
+                        parent[key] = reveal.MASK
+                    continue
                 if not envelope.is_token(value):
                     if value is not None:
                         report.plaintext_seen[path.canonical] += 1
@@ -255,11 +273,17 @@ async def decrypt_response(
             if data_key is None:
                 raise InvalidToken()
             plaintext = data_key.aead.open(token.iv, token.sealed, prefixes[canonical] + context_bytes)
-            parent[key] = envelope.load_value(plaintext)
+            value = envelope.load_value(plaintext)
         except InvalidToken:
             _integrity_failure(rule, parent, key, canonical, report)
             continue
-        report.decrypted[canonical] += 1
+        if actions[canonical] == "mask_last4":
+            parent[key] = reveal.mask_last4(value)
+            report.withheld[canonical] += 1
+        else:
+            parent[key] = value
+            report.decrypted[canonical] += 1
+    reveal.remove_all(removals)
     return report
 
 

@@ -355,3 +355,57 @@ async def test_pseudonymized_context_without_a_pepper_is_refused(
         )
     assert failure.value.code == "configuration" and cache.stats.generate_calls == 0
     assert doc["items"][0]["ssn"] == "1"
+
+
+REVEAL_POLICY = """
+version: 1
+name: reveal
+routes:
+  - match: {methods: [PUT], path: "/r/{pid}"}
+    request:
+      context: {ResourceId: {param: pid, kms: plain}}
+      encrypt: ["$.ssn", "$.notes", "$.codes[*]", "$.dob"]
+  - match: {methods: [GET], path: "/r/{pid}"}
+    response:
+      context: {ResourceId: {param: pid, kms: plain}}
+      decrypt: ["$.ssn", "$.notes", "$.codes[*]", "$.dob"]
+      reveal:
+        "$.ssn": {roles: [clinician], otherwise: mask_last4}
+        "$.notes": {roles: [clinician], otherwise: remove}
+        "$.codes[*]": {roles: [clinician], otherwise: mask}
+        "$.dob": {roles: [clinician], otherwise: token}
+"""
+
+
+async def test_withheld_fields_are_never_decrypted(tmp_path: Path, keyring: KeyProvider) -> None:
+    (tmp_path / "reveal.yaml").write_text(REVEAL_POLICY)
+    policies = load_policies([tmp_path / "reveal.yaml"])
+    scope = Scope({"pid": "p-1"}, {})
+    doc = {"ssn": "123-45-6789", "notes": "private", "codes": ["A", "B"], "dob": "1980-02-29"}
+    await encrypt_request(
+        doc, rule(policies, "PUT", "/r/p-1", "request"), scope, keys=DataKeyCache(keyring), pepper=None
+    )
+    stored = copy.deepcopy(doc)
+    stored["notes"] = "phi:garbage-that-would-fail-integrity"  # on_error is fail: decrypting it would raise
+    stored["codes"][0] = "phi:garbage"
+    get = rule(policies, "GET", "/r/p-1", "response")
+    viewer = copy.deepcopy(stored)
+    report = await decrypt_response(
+        viewer, get, scope, keys=DataKeyCache(keyring), pepper=None, roles=frozenset({"x"})
+    )
+    assert viewer == {"ssn": "*******6789", "codes": ["****", "****"], "dob": stored["dob"]}
+    assert report.decrypted == {} and report.withheld == {
+        "$.ssn": 1,
+        "$.notes": 1,
+        "$.codes[*]": 2,
+        "$.dob": 1,
+    }
+    with pytest.raises(InvalidToken):  # a clinician does decrypt, and meets the tampered token
+        await decrypt_response(
+            copy.deepcopy(stored),
+            get,
+            scope,
+            keys=DataKeyCache(keyring),
+            pepper=None,
+            roles=frozenset({"clinician"}),
+        )

@@ -24,6 +24,7 @@ from phi_gateway.cli_serve import SERVER_OPTIONS
 from phi_gateway.config import GatewayConfig
 from phi_gateway.demo_upstream import create_upstream
 from phi_gateway.gateway import Gateway
+from phi_gateway.identity import Identity, IdentitySettings
 from phi_gateway.keyring import LocalKeyring
 from phi_gateway.middleware import PHIMiddleware
 from phi_gateway.pepper import Pepper, create_pepper_file
@@ -128,8 +129,10 @@ class Deployment:
     kind: str
     store: Any = None  # the middleware's inner store; the proxy's upstream is reached over HTTP
 
-    def client(self, **options: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=20, **options)
+    def client(self, *, roles: str = "clinician", **options: Any) -> httpx.Client:
+        """A client authenticated by the trusted-proxy headers, as a clinician by default."""
+        headers = {"X-User": "dr-test", "X-Roles": roles} if roles is not None else {}
+        return httpx.Client(base_url=self.url, timeout=20, headers=headers, **options)
 
     def read_at_rest(self, pid: str) -> dict[str, Any]:
         """A record as the upstream holds it, bypassing the gateway."""
@@ -151,6 +154,9 @@ def proxy_config(upstream: str, secrets: Path, **overrides: Any) -> GatewayConfi
         "policies": [str(POLICIES)],
         "keyring": str(secrets / "keyring.json"),
         "pepper": str(secrets / "pepper.json"),
+        "principal_header": "X-User",
+        "roles_header": "X-Roles",
+        "break_glass_role": "emergency",
     }
     return GatewayConfig(**{**settings, **overrides})
 
@@ -174,6 +180,9 @@ def middleware_deployment(secrets: Path, tmp: Path, **limits: Any) -> Iterator[D
         keys=keys,
         pepper=Pepper.load(secrets / "pepper.json"),
         limits=Limits(**limits),
+        identity=Identity(
+            IdentitySettings(principal_header="X-User", roles_header="X-Roles", break_glass_role="emergency")
+        ),
     )
     with ThreadServer(app) as server:
         yield Deployment(server.url, Upstream(server.url), keys, "middleware", app.state.store)
@@ -192,6 +201,9 @@ def deployment(
         with middleware_deployment(secrets_dir, tmp_path, max_body=64 * 1024, body_timeout=1.0) as d:
             yield d
 
+
+AUTH = {"X-User": "dr-test", "X-Roles": "clinician"}
+RAW_AUTH = b"X-User: dr-test\r\nX-Roles: clinician\r\n"
 
 PHI_CANARIES = ("123-45-6789", "123456789", "1980-02-29", "García", "penicillin", "E11.9", "201-3344")
 

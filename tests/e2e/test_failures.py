@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import (
+    AUTH,
     POLICIES,
     ThreadServer,
     Upstream,
@@ -135,7 +136,7 @@ def kms_down(secrets_dir: Path, upstream_process: Upstream) -> Iterator[Any]:
 
 def test_key_service_down_is_503_with_retry_after_and_nothing_forwarded(kms_down: Any) -> None:
     server, upstream = kms_down
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    with httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as client:
         write = client.put("/patients/p-1", json=PATIENT)
         search = client.get("/patients", params={"ssn": "123-45-6789"})
     assert write.status_code == 503, write.text
@@ -160,7 +161,7 @@ def test_unmatched_deny_refuses_other_routes(
     from phi_gateway.gateway import Gateway
 
     gateway = Gateway(proxy_config(upstream_process.url, secrets_dir, policies=[str(tmp_path)]))
-    with ThreadServer(gateway) as server, httpx.Client(base_url=server.url) as client:
+    with ThreadServer(gateway) as server, httpx.Client(base_url=server.url, headers=AUTH) as client:
         denied = client.get("/admin/export")
         allowed = client.get("/patients/nobody")
     assert denied.status_code == 403 and denied.json()["error"]["code"] == "route_not_allowed"
@@ -179,6 +180,8 @@ def served(secrets_dir: Path, upstream_process: Upstream) -> Iterator[str]:
         "PHI_GATEWAY_KEYRING": str(secrets / "keyring.json"),
         "PHI_GATEWAY_PEPPER": str(secrets / "pepper.json"),
         "PHI_GATEWAY_POLICIES": str(POLICIES),
+        "PHI_GATEWAY_PRINCIPAL_HEADER": "X-User",
+        "PHI_GATEWAY_ROLES_HEADER": "X-Roles",
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "phi_gateway", "serve", "--port", str(port), "--workers", "2"],
@@ -197,10 +200,10 @@ def served(secrets_dir: Path, upstream_process: Upstream) -> Iterator[str]:
 
 def test_serve_round_trip(served: str, upstream_process: Upstream) -> None:
     upstream_process.reset(data=True)
-    with httpx.Client(base_url=served) as client:
+    with httpx.Client(base_url=served, headers=AUTH) as client:
         assert client.put("/patients/sv-1", json=PATIENT).status_code == 200
         for _ in range(6):  # new connections land on either worker; both hold the same keys
-            with httpx.Client(base_url=served) as fresh:
+            with httpx.Client(base_url=served, headers=AUTH) as fresh:
                 assert fresh.get("/patients", params={"ssn": "123-45-6789"}).json()[0]["ssn"] == "123-45-6789"
     assert "123-45-6789" not in repr(upstream_process.received())
 

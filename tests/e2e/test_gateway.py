@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from phi_gateway import envelope
-from tests.e2e.conftest import PHI_CANARIES, Deployment, assert_no_phi
+from tests.e2e.conftest import AUTH, PHI_CANARIES, RAW_AUTH, Deployment, assert_no_phi
 
 SAMPLES = Path(__file__).parents[1] / "samples"
 PATIENT: dict[str, Any] = json.loads((SAMPLES / "patient.json").read_text())
@@ -85,7 +85,7 @@ def test_list_costs_one_key_unwrap_per_data_key_not_per_field(deployment: Deploy
 
 def test_one_hundred_concurrent_requests(deployment: Deployment) -> None:
     async def run() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=deployment.url, timeout=30) as client:
+        async with httpx.AsyncClient(base_url=deployment.url, timeout=30, headers=AUTH) as client:
             return await asyncio.gather(
                 *(
                     client.put(f"/patients/c-{n}", json={**PATIENT, "ssn": f"555-00-{n:04d}"})
@@ -188,7 +188,8 @@ def test_oversized_content_length_is_refused_before_the_body_is_read(deployment:
     with socket.create_connection(("127.0.0.1", int(deployment.url.rsplit(":", 1)[1])), timeout=5) as sock:
         sock.sendall(
             b"PUT /patients/p-big HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 10000000\r\n\r\n{"
+            + RAW_AUTH
+            + b"Content-Length: 10000000\r\n\r\n{"
         )
         reply = sock.recv(4096)
     assert reply.startswith(b"HTTP/1.1 413") and b"body_too_large" in reply
@@ -199,7 +200,8 @@ def test_slow_body_gets_408(deployment: Deployment) -> None:
     with socket.create_connection(("127.0.0.1", int(deployment.url.rsplit(":", 1)[1])), timeout=10) as sock:
         sock.sendall(
             b"PUT /patients/p-slow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b'Content-Length: 30\r\n\r\n{"ssn": '
+            + RAW_AUTH
+            + b'Content-Length: 30\r\n\r\n{"ssn": '
         )
         started = time.monotonic()
         reply = sock.recv(4096)
@@ -340,3 +342,64 @@ def test_decrypted_responses_are_not_cacheable(deployment: Deployment) -> None:
     assert response.headers["cache-control"] == "private, no-store"
     assert "etag" not in response.headers
     assert "range" not in deployment.upstream.received()[-1]["headers"]
+
+
+def test_phi_routes_need_a_principal(deployment: Deployment) -> None:
+    with httpx.Client(base_url=deployment.url, timeout=20) as anonymous:
+        write = anonymous.put("/patients/a-1", json=PATIENT)
+        read = anonymous.get("/patients/a-1")
+    for response in (write, read):
+        assert response.status_code == 401 and error_code(response) == "authentication_required"
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert len(response.headers["x-request-id"]) == 32
+    assert deployment.upstream.received() == []
+
+
+@pytest.mark.parametrize(
+    ("roles", "ssn", "notes"),
+    [
+        ("clinician", "123-45-6789", PATIENT["notes"]),
+        ("billing", "123-45-6789", None),
+        ("nurse", "*******6789", None),
+        ("", "*******6789", None),
+        ("billing,clinician", "123-45-6789", PATIENT["notes"]),
+    ],
+)
+def test_reveal_matrix(deployment: Deployment, roles: str, ssn: str, notes: str | None) -> None:
+    with deployment.client() as writer:
+        put(writer, "r-1")
+    with deployment.client(roles=roles) as reader:
+        one = reader.get("/patients/r-1").json()
+        many = reader.get("/patients", params={"limit": "5"}).json()
+    for record in (one, many[0]):
+        assert record["ssn"] == ssn
+        assert record.get("notes") == notes and (notes is not None or "notes" not in record)
+        assert record["dob"] == PATIENT["dob"]  # no reveal rule: every principal sees it
+
+
+def test_break_glass_reveals_everything_and_needs_a_reason(deployment: Deployment) -> None:
+    with deployment.client() as writer:
+        put(writer, "bg-1")
+    with deployment.client(roles="emergency") as responder:
+        refused = responder.get("/patients/bg-1")
+        allowed = responder.get(
+            "/patients/bg-1", headers={"X-Break-Glass-Reason": "unconscious patient, ED bay 2"}
+        )
+    assert refused.status_code == 403 and error_code(refused) == "break_glass_reason_required"
+    assert allowed.status_code == 200
+    assert allowed.json()["ssn"] == "123-45-6789" and allowed.json()["notes"] == PATIENT["notes"]
+
+
+def test_request_ids_are_honoured_and_forwarded(deployment: Deployment) -> None:
+    with deployment.client() as client:
+        response = client.put("/patients/rid-1", json=PATIENT, headers={"X-Request-ID": "trace-abc.123"})
+        generated = client.get("/patients/rid-1", headers={"X-Request-ID": "bad id with spaces"})
+    assert response.headers["x-request-id"] == "trace-abc.123"
+    assert (
+        generated.headers["x-request-id"] != "bad id with spaces"
+        and len(generated.headers["x-request-id"]) == 32
+    )
+    assert [r["headers"]["x-request-id"] for r in deployment.upstream.received()] == [
+        "trace-abc.123",
+        generated.headers["x-request-id"],
+    ]
