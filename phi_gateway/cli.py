@@ -222,9 +222,11 @@ def inspect(token: str) -> None:
 
 
 # Last, because the policy commands use the helpers above.
+from phi_gateway.cli_audit import audit  # noqa: E402
 from phi_gateway.cli_policy import policy  # noqa: E402
 from phi_gateway.cli_serve import demo, serve  # noqa: E402
 
+main.add_command(audit)
 main.add_command(policy)
 main.add_command(serve)
 main.add_command(demo)

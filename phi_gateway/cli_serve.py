@@ -67,7 +67,7 @@ def serve(config_path: str | None, **flags: Any) -> None:
     """Run the gateway in front of an upstream API."""
     try:
         config = load_config(config_path, overrides=flags).check()
-        Gateway(config)  # fail here, with one line, on a bad policy or key source
+        Gateway(config, open_audit=False)  # fail here, with one line, on a bad policy or key source
     except PHIGatewayError as exc:
         _fail(str(exc))
     # Workers rebuild the gateway from the environment, so every source of config reaches them.

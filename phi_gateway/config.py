@@ -46,6 +46,12 @@ class GatewayConfig:
     jwt_roles_claim: str = "roles"
     break_glass_role: str | None = None
     break_glass_reason_header: str = "X-Break-Glass-Reason"
+    # audit trail: "stdout" (JSON lines), "file" (hash-chained JSON lines) or "none"
+    audit_sink: str = "stdout"
+    audit_file: str = "audit-{pid}.jsonl"  # {pid}: one chain per worker process
+    audit_chain_key_file: str | None = None
+    audit_on_failure: str = "block"  # or "drop"
+    audit_max_queue: int = 10_000
     # data-key cache
     cache_ttl: float = 300.0
     cache_max_uses: int = 2**20
@@ -70,6 +76,14 @@ class GatewayConfig:
             raise ConfigError("configure at most one pepper source: pepper or pepper_secret_id")
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
+        if self.audit_sink not in ("stdout", "file", "none"):
+            raise ConfigError("audit_sink must be stdout, file or none")
+        if self.audit_sink == "file" and not self.audit_chain_key_file:
+            raise ConfigError(
+                "the file audit sink needs audit_chain_key_file (phi-gateway audit init-key PATH)"
+            )
+        if self.audit_on_failure not in ("block", "drop"):
+            raise ConfigError("audit_on_failure must be block or drop")
         return self
 
     def to_env(self) -> dict[str, str]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from phi_gateway.audit import AuditEmitter, AuditSink, StdoutSink
+from phi_gateway.audit_chain import ChainedFileSink, load_chain_key
 from phi_gateway.aws import AwsSettings
 from phi_gateway.bodies import Limits
 from phi_gateway.cache import DataKeyCache
@@ -28,7 +31,9 @@ log = logging.getLogger("phi_gateway")
 class Gateway:
     """The ASGI app that ``phi-gateway serve`` runs."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, *, open_audit: bool = True) -> None:
+        """``open_audit=False`` builds everything but the audit sink: for checking a config
+        in a process that will not serve (the sink locks its file)."""
         config.check()
         self.config = config
         self.aws = AwsSettings(
@@ -77,6 +82,7 @@ class Gateway:
                 )
             ),
         )
+        self.middleware.audit = _audit(config) if open_audit else None
         if not self.middleware.identity.configured:
             log.warning("no caller identity configured: routes that require a principal answer 401")
 
@@ -94,6 +100,21 @@ class Gateway:
             return message
 
         await self.middleware(scope, startup_first, send)
+
+
+def _audit(config: GatewayConfig) -> AuditEmitter | None:
+    sink: AuditSink
+    if config.audit_sink == "none":
+        log.warning("audit trail disabled (audit_sink: none)")
+        return None
+    if config.audit_sink == "file":
+        assert config.audit_chain_key_file is not None
+        path = config.audit_file.replace("{pid}", str(os.getpid()))
+        sink = ChainedFileSink(path, load_chain_key(config.audit_chain_key_file))
+    else:
+        sink = StdoutSink()
+    on_failure: Literal["block", "drop"] = "drop" if config.audit_on_failure == "drop" else "block"
+    return AuditEmitter(sink, max_queue=config.audit_max_queue, on_failure=on_failure)
 
 
 def create_app() -> ASGIApp:

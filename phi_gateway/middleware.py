@@ -12,43 +12,21 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
 from collections.abc import Callable
-from typing import Any
 
-import orjson
-from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from phi_gateway.bodies import ClientGone, Limits, inflate_response, is_json, read_body
+from phi_gateway.audit import AuditEmitter
+from phi_gateway.bodies import Limits
 from phi_gateway.cache import DataKeyCache
 from phi_gateway.exceptions import HTTPError
-from phi_gateway.httperrors import http_error, send_error
-from phi_gateway.identity import Identity, Principal
-from phi_gateway.jsonvalue import loads_strict
+from phi_gateway.exchange import Exchange
+from phi_gateway.httperrors import send_error
+from phi_gateway.identity import Identity
 from phi_gateway.pepper import Pepper
-from phi_gateway.policy import PolicySet, ResponseRule, RouteMatch
-from phi_gateway.transform import Scope as DocScope
-from phi_gateway.transform import decrypt_response, encrypt_request, rewrite_query
+from phi_gateway.policy import PolicySet
 
 log = logging.getLogger("phi_gateway")
-
-# Headers the body rewrite invalidates: the app gets one exact Content-Length instead.
-_BODY_HEADERS = {b"content-length", b"transfer-encoding", b"content-encoding", b"expect"}
-# Requests for part of a response cannot be decrypted; validators describe the ciphertext.
-_PARTIAL = {b"range", b"if-range"}
-_VALIDATORS = {b"etag", b"last-modified", b"content-md5", b"digest", b"accept-ranges", b"cache-control"}
-_NO_BODY_STATUS = {204, 205, 304}
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-
-
-def _serialize(doc: Any, *, upstream_side: bool) -> bytes:
-    try:
-        return orjson.dumps(doc)
-    except orjson.JSONEncodeError:  # a lone surrogate the parser let through
-        status, code = (502, "upstream_invalid_json") if upstream_side else (400, "invalid_json")
-        raise HTTPError(status, code, "JSON text contains an unpaired surrogate") from None
-
 
 _AMBIGUOUS = re.compile(rb"%2[eEfF]|%5[cC]|\\|;")
 _AMBIGUOUS_PATH = HTTPError(
@@ -88,8 +66,12 @@ class PHIMiddleware:
         pepper: Pepper | None = None,
         limits: Limits | None = None,
         identity: Identity | None = None,
+        audit: AuditEmitter | None = None,
+        gateway_identity: str | None = None,
     ) -> None:
         self.app = app
+        self.audit = audit
+        self.gateway_identity = gateway_identity  # this gateway's own AWS identity, for audit events
         self.identity = identity or Identity()
         # A callable lets the gateway swap policy sets atomically (hot reload): each
         # request takes the set in force when it starts and keeps it to the end.
@@ -124,10 +106,13 @@ class PHIMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        await _Exchange(self, found, scope, receive, send).run()
+        await Exchange(self, found, scope, receive, send).run()
 
     async def startup(self) -> None:
-        """Reach the key service early; a failure here is logged, requests retry it."""
+        """Start the audit trail; reach the key service early (a failure there is logged,
+        requests retry it)."""
+        if self.audit is not None:
+            await self.audit.start()
         start = getattr(self.keys.provider, "start", None)
         if start is not None:
             try:
@@ -136,6 +121,8 @@ class PHIMiddleware:
                 log.warning("key provider not reachable at startup: %s", exc)
 
     async def shutdown(self) -> None:
+        if self.audit is not None:
+            await self.audit.stop()  # drains: graceful shutdown loses no event
         close = getattr(self.keys.provider, "close", None)
         if close is not None:
             await close()
@@ -155,182 +142,3 @@ class _LifespanReceive:
         elif message["type"] == "lifespan.shutdown":
             await self._middleware.shutdown()
         return message
-
-
-class _Exchange:
-    """One request on a policy route, and its response."""
-
-    def __init__(
-        self, middleware: PHIMiddleware, found: RouteMatch, scope: Scope, receive: Receive, send: Send
-    ):
-        self.mw = middleware
-        self.route = found.route
-        self.params = found.params
-        self.scope = dict(scope)
-        self.receive = receive
-        self.send = send
-        self.head = scope["method"] == "HEAD"
-        self.client_started = False  # has anything been sent to the client?
-        self.response_start: Message | None = None
-        self.response_chunks: list[bytes] = []
-        self.response_size = 0
-        self.headers = {k.lower(): v for k, v in Headers(scope=scope).items()}
-        given = self.headers.get("x-request-id", "")
-        self.request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-        self.principal: Principal | None = None
-
-    @property
-    def roles(self) -> frozenset[str] | None:
-        """What reveal rules see: None (everything) only for break-glass."""
-        if self.principal is None:
-            return frozenset()
-        return None if self.principal.break_glass else self.principal.roles
-
-    async def run(self) -> None:
-        try:
-            self.principal = self.mw.identity.resolve(self.headers)
-            if self.principal is None and self.route.require_principal:
-                raise HTTPError(401, "authentication_required", "this route needs an authenticated caller")
-            receive = await self.prepare_request()
-        except ClientGone:
-            return
-        except Exception as exc:  # every failure is answered; nothing is forwarded
-            await self.fail(exc, upstream_side=False)
-            return
-        send = self.send_decrypted if self.route.response is not None else self.send_through
-        try:
-            await self.mw.app(self.scope, receive, send)
-        except Exception as exc:
-            if self.client_started:
-                raise  # mid-stream: all we can do is drop the connection
-            await self.fail(exc, upstream_side=True)
-
-    async def fail(self, exc: BaseException, *, upstream_side: bool) -> None:
-        error = http_error(exc, upstream_side=upstream_side)
-        if error.status >= 500 and error.code == "internal_error":
-            log.error(
-                "unexpected error on %s %s", self.scope["method"], self.route.template.text, exc_info=exc
-            )
-        self.client_started = True
-        await send_error(self.send, error, head=self.head, request_id=self.request_id)
-
-    async def prepare_request(self) -> Receive:
-        headers = Headers(scope=self.scope)
-        lowered = {k.lower(): v for k, v in headers.items()}
-        if self.route.query:
-            query = self.scope.get("query_string", b"").decode("latin-1")
-            rewritten, _ = rewrite_query(query, self.route.query, self.mw.pepper)
-            self.scope["query_string"] = rewritten.encode("ascii")
-        raw_headers = [(k, v) for k, v in self.scope["headers"] if k.lower() != b"x-request-id"]
-        raw_headers.append((b"x-request-id", self.request_id.encode()))
-        if self.route.response is not None:
-            # Ask for a whole, uncompressed response: it has to be decrypted, not relayed.
-            raw_headers = [
-                (k, v) for k, v in raw_headers if k.lower() not in (_PARTIAL | {b"accept-encoding"})
-            ]
-            raw_headers.append((b"accept-encoding", b"identity"))
-        if self.route.request is None:
-            # Forward what we parsed: a body on a route with no request rule was not parsed.
-            if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
-                raise HTTPError(400, "unexpected_body", "this route takes no request body")
-            self.scope["headers"] = raw_headers
-            return self.receive
-        body = await read_body(self.receive, headers, self.mw.limits)
-        doc = loads_strict(body, max_depth=self.mw.limits.max_depth)
-        await encrypt_request(
-            doc,
-            self.route.request,
-            DocScope(self.params, lowered),
-            keys=self.mw.keys,
-            pepper=self.mw.pepper,
-            master_key=self.route.key,
-        )
-        forwarded = _serialize(doc, upstream_side=False)
-        raw_headers = [(k, v) for k, v in raw_headers if k.lower() not in _BODY_HEADERS]
-        raw_headers.append((b"content-length", str(len(forwarded)).encode()))
-        self.scope["headers"] = raw_headers
-        return _OneBody(forwarded, self.receive)
-
-    async def send_through(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message = {**message, "headers": self._tagged(message["headers"])}
-        self.client_started = True
-        await self.send(message)
-
-    def _tagged(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        return [(k, v) for k, v in headers if k.lower() != b"x-request-id"] + [
-            (b"x-request-id", self.request_id.encode())
-        ]
-
-    async def send_decrypted(self, message: Message) -> None:
-        rule = self.route.response
-        assert rule is not None
-        if message["type"] == "http.response.start":
-            headers = Headers(raw=message["headers"])
-            status = message["status"]
-            if (
-                rule.applies_to(status)
-                and status not in _NO_BODY_STATUS
-                and is_json(headers.get("content-type"))
-                and not self.head
-            ):
-                self.response_start = message
-                return
-            await self.send_through(message)
-            return
-        if self.response_start is None:
-            await self.send_through(message)
-            return
-        chunk = message.get("body", b"")
-        self.response_size += len(chunk)
-        if self.response_size > self.mw.limits.max_response:
-            raise HTTPError(502, "upstream_body_too_large", "upstream response is over the gateway's limit")
-        self.response_chunks.append(chunk)
-        if not message.get("more_body", False):
-            await self.finish_response(rule)
-
-    async def finish_response(self, rule: ResponseRule) -> None:
-        start = self.response_start
-        assert start is not None
-        headers = Headers(raw=start["headers"])
-        body = b"".join(self.response_chunks)
-        encoding = headers.get("content-encoding", "identity").strip().lower()
-        body = inflate_response(body, encoding, self.mw.limits.max_response)
-        if body:
-            try:
-                doc = loads_strict(body, max_depth=self.mw.limits.max_depth)
-            except Exception as exc:
-                raise http_error(exc, upstream_side=True) from None
-            lowered = {k.lower(): v for k, v in Headers(scope=self.scope).items()}
-            report = await decrypt_response(
-                doc,
-                rule,
-                DocScope(self.params, lowered),
-                keys=self.mw.keys,
-                pepper=self.mw.pepper,
-                roles=self.roles,
-            )
-            if report.plaintext_seen:  # stored before the gateway, or written around it
-                log.warning("plaintext at protected paths: %s", dict(report.plaintext_seen))
-            body = _serialize(doc, upstream_side=True)
-        raw = [(k, v) for k, v in start["headers"] if k.lower() not in _BODY_HEADERS | _VALIDATORS]
-        raw.append((b"content-length", str(len(body)).encode()))
-        raw.append((b"cache-control", b"private, no-store"))  # decrypted PHI: no shared cache
-        self.client_started = True
-        await self.send({**start, "headers": self._tagged(raw)})
-        await self.send({"type": "http.response.body", "body": body})
-
-
-class _OneBody:
-    """``receive`` for the app: the rewritten body once, then the client's own messages
-    (so the app still learns of a disconnect)."""
-
-    def __init__(self, body: bytes, receive: Receive) -> None:
-        self._body: bytes | None = body
-        self._receive = receive
-
-    async def __call__(self) -> Message:
-        if self._body is not None:
-            body, self._body = self._body, None
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await self._receive()

@@ -41,7 +41,8 @@ class Report:
     """What a transform did, for the audit trail: paths, counts and contexts, never values."""
 
     records: int = 0
-    contexts: list[dict[str, str]] = field(default_factory=list)
+    contexts: list[dict[str, str]] = field(default_factory=list)  # exact: for tests and callers, not logs
+    audit_contexts: list[dict[str, str]] = field(default_factory=list)
     encrypted: Counter[str] = field(default_factory=Counter)
     decrypted: Counter[str] = field(default_factory=Counter)
     indexed: Counter[str] = field(default_factory=Counter)
@@ -64,6 +65,7 @@ class _Record:
     exact: dict[str, str]
     kms: dict[str, str]
     context_bytes: bytes
+    audit: dict[str, str]  # as the audit trail may show it: pseudonyms where the policy says so
 
 
 def _records(doc: Any, path: JsonPath) -> list[dict[str, Any]]:
@@ -102,7 +104,11 @@ def _context(spec: ContextSpec, record: Mapping[str, Any], scope: Scope, pepper:
             kms[entry.name] = pepper.pseudonymizer(spec.policy).pseudonym(entry.name, exact[entry.name])
         else:
             kms[entry.name] = exact[entry.name]
-    return _Record(exact, kms, encode_context(exact))
+    audit = {
+        e.name: kms[e.name] if e.kms == "pseudonymize" and e.name in kms else exact[e.name]
+        for e in spec.entries
+    }
+    return _Record(exact, kms, encode_context(exact), audit)
 
 
 def _single(path: JsonPath, record: Any) -> Any:
@@ -171,6 +177,7 @@ async def encrypt_request(
             continue
         ctx = _context(rule.context, record, scope, pepper)
         report.contexts.append(ctx.exact)
+        report.audit_contexts.append(ctx.audit)
         digest = context_digest(ctx.kms)
         slot = slots.get(digest)
         for path in rule.encrypt:
@@ -227,6 +234,7 @@ async def decrypt_response(
     for record in records:
         ctx = _context(rule.context, record, scope, pepper)
         report.contexts.append(ctx.exact)
+        report.audit_contexts.append(ctx.audit)
         digest = context_digest(ctx.kms)
         for path in rule.decrypt:
             action = actions[path.canonical]

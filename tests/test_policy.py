@@ -611,7 +611,8 @@ def test_unknown_top_level_key_lists_the_allowed_keys(tmp_path: Path) -> None:
     problem = one_problem(path)
     assert problem.line == line_of(path, "owner:")
     assert problem.message == (
-        "owner: unknown key 'owner' (allowed: data_key, description, key, name, require_principal, routes, unmatched, version)"
+        "owner: unknown key 'owner' (allowed: data_key, description, key, name, require_principal, routes, "
+        "unmatched, version)"
     )
 
 

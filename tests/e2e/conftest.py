@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import socket
 import subprocess
 import sys
@@ -19,6 +20,8 @@ import pytest
 import uvicorn
 from starlette.types import ASGIApp
 
+from phi_gateway.audit import AuditEmitter
+from phi_gateway.audit_chain import ChainedFileSink, create_chain_key_file, load_chain_key
 from phi_gateway.cache import DataKeyCache
 from phi_gateway.cli_serve import SERVER_OPTIONS
 from phi_gateway.config import GatewayConfig
@@ -31,6 +34,7 @@ from phi_gateway.pepper import Pepper, create_pepper_file
 from phi_gateway.policy import load_policies
 
 ROOT = Path(__file__).parents[2]
+_AUDIT_FILES = itertools.count(1)
 POLICIES = ROOT / "policies"
 
 
@@ -99,6 +103,7 @@ def secrets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("gateway-secrets")
     create_keyring(path / "keyring.json")
     create_pepper_file(path / "pepper.json")
+    create_chain_key_file(path / "chain.key")
     return path
 
 
@@ -128,6 +133,7 @@ class Deployment:
     keys: DataKeyCache
     kind: str
     store: Any = None  # the middleware's inner store; the proxy's upstream is reached over HTTP
+    audit_file: Path | None = None
 
     def client(self, *, roles: str = "clinician", **options: Any) -> httpx.Client:
         """A client authenticated by the trusted-proxy headers, as a clinician by default."""
@@ -157,15 +163,21 @@ def proxy_config(upstream: str, secrets: Path, **overrides: Any) -> GatewayConfi
         "principal_header": "X-User",
         "roles_header": "X-Roles",
         "break_glass_role": "emergency",
+        "audit_sink": "file",
+        "audit_chain_key_file": str(secrets / "chain.key"),
+        "audit_file": str(secrets / f"audit-{next(_AUDIT_FILES)}.jsonl"),
     }
     return GatewayConfig(**{**settings, **overrides})
 
 
 @contextlib.contextmanager
 def proxy_deployment(upstream: Upstream, secrets: Path, **overrides: Any) -> Iterator[Deployment]:
-    gateway = Gateway(proxy_config(upstream.url, secrets, **overrides))
+    config = proxy_config(upstream.url, secrets, **overrides)
+    gateway = Gateway(config)
     with ThreadServer(gateway) as server:
-        yield Deployment(server.url, upstream, gateway.middleware.keys, "proxy")
+        yield Deployment(
+            server.url, upstream, gateway.middleware.keys, "proxy", audit_file=Path(config.audit_file)
+        )
 
 
 @contextlib.contextmanager
@@ -174,6 +186,8 @@ def middleware_deployment(secrets: Path, tmp: Path, **limits: Any) -> Iterator[D
 
     app = create_upstream(str(tmp / "inner.sqlite"), record=True)
     keys = DataKeyCache(LocalKeyring.load(secrets / "keyring.json"))
+    audit_file = tmp / f"audit-{next(_AUDIT_FILES)}.jsonl"
+    emitter = AuditEmitter(ChainedFileSink(audit_file, load_chain_key(secrets / "chain.key")))
     app.add_middleware(
         PHIMiddleware,
         policies=load_policies([POLICIES]),
@@ -183,9 +197,10 @@ def middleware_deployment(secrets: Path, tmp: Path, **limits: Any) -> Iterator[D
         identity=Identity(
             IdentitySettings(principal_header="X-User", roles_header="X-Roles", break_glass_role="emergency")
         ),
+        audit=emitter,
     )
     with ThreadServer(app) as server:
-        yield Deployment(server.url, Upstream(server.url), keys, "middleware", app.state.store)
+        yield Deployment(server.url, Upstream(server.url), keys, "middleware", app.state.store, audit_file)
 
 
 @pytest.fixture(params=["proxy", "middleware"])

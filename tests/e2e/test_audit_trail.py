@@ -1,0 +1,176 @@
+"""The audit trail end to end: one event per PHI request, a chain that verifies after a
+concurrent run, no PHI in any form in it, and a sink that cannot write blocks PHI."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno
+import json
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from phi_gateway.audit import AuditEmitter
+from phi_gateway.audit_chain import ChainedFileSink, load_chain_key, verify_chain
+from phi_gateway.cache import DataKeyCache
+from phi_gateway.demo_upstream import create_upstream
+from phi_gateway.identity import Identity, IdentitySettings
+from phi_gateway.keyring import LocalKeyring
+from phi_gateway.middleware import PHIMiddleware
+from phi_gateway.pepper import Pepper
+from phi_gateway.policy import load_policies
+from tests.e2e.conftest import (
+    AUTH,
+    POLICIES,
+    Deployment,
+    ThreadServer,
+    Upstream,
+    middleware_deployment,
+    proxy_deployment,
+)
+
+PATIENT = json.loads((Path(__file__).parents[1] / "samples" / "patient.json").read_text())
+
+
+def forms(secret: str) -> list[str]:
+    """A value as it could leak: raw, JSON-escaped, URL-encoded, base64 and hex."""
+    raw = secret.encode()
+    return [
+        secret,
+        json.dumps(secret)[1:-1],
+        urllib.parse.quote(secret),
+        urllib.parse.quote_plus(secret),
+        base64.b64encode(raw).decode(),
+        base64.urlsafe_b64encode(raw).decode().rstrip("="),
+        raw.hex(),
+    ]
+
+
+@pytest.fixture(params=["proxy", "middleware"])
+def deploy(
+    request: pytest.FixtureRequest, upstream_process: Upstream, secrets_dir: Path, tmp_path: Path
+) -> Callable[[], AbstractContextManager[Deployment]]:
+    def make() -> AbstractContextManager[Deployment]:
+        if request.param == "proxy":
+            upstream_process.reset(data=True)
+            return proxy_deployment(upstream_process, secrets_dir)
+        return middleware_deployment(secrets_dir, tmp_path)
+
+    return make
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line)["event"] for line in path.read_text().splitlines()]
+
+
+def test_every_phi_request_is_recorded_and_the_chain_verifies(
+    deploy: Callable[[], AbstractContextManager[Deployment]], secrets_dir: Path
+) -> None:
+    canary = f"CANARY-{uuid.uuid4()}"
+    patients = [{**PATIENT, "notes": f"{canary}-{n}", "first_name": canary} for n in range(40)]
+
+    async def burst(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30, headers=AUTH) as client:
+            return await asyncio.gather(
+                *(client.put(f"/patients/au-{n}", json=p) for n, p in enumerate(patients))
+            )
+
+    with deploy() as deployment:
+        assert deployment.audit_file is not None
+        responses = asyncio.run(burst(deployment.url))
+        with deployment.client(roles="nurse") as nurse:
+            nurse.get("/patients/au-1")
+            nurse.get("/patients", params={"ssn": "123-45-6789"})
+        with httpx.Client(base_url=deployment.url) as anonymous:
+            anonymous.get("/patients/au-1")  # 401: a denied access is recorded too
+        with deployment.client() as client:
+            client.get("/_received")  # not a policy route: no event
+    assert all(r.status_code == 200 for r in responses)
+    report = verify_chain(deployment.audit_file, load_chain_key(secrets_dir / "chain.key"))
+    assert report.ok and not report.torn_tail, report.message
+    events = read_events(deployment.audit_file)
+    assert report.records == len(events) == 40 + 3
+    puts = [e for e in events if e["method"] == "PUT"]
+    assert {e["status"] for e in puts} == {200} and len({e["request_id"] for e in puts}) == 40
+    assert all(e["request"]["fields"]["encrypted"]["$.ssn"] == 1 for e in puts)
+    assert all(e["principal"] == "dr-test" and e["roles"] == ["clinician"] for e in puts)
+    # the patient id reaches the audit trail only as its pseudonym (kms: pseudonymize)
+    assert all(e["request"]["records"][0]["ResourceId"].startswith("p1.") for e in puts)
+    nurse_read = next(
+        e
+        for e in events
+        if e["route"] == "/patients/{patient_id}" and e["method"] == "GET" and e["status"] == 200
+    )
+    assert nurse_read["response"]["fields"]["withheld"] == {"$.ssn": 1, "$.notes": 1}
+    search = next(e for e in events if e["route"] == "/patients")
+    assert search["searched"] == {"ssn_bidx": 1}
+    denied = next(e for e in events if e["status"] == 401)
+    assert denied["outcome"] == "refused" and denied["error"] == "authentication_required"
+    text = deployment.audit_file.read_text()
+    for secret in [canary, "123-45-6789", "123456789", PATIENT["dob"], 'au-1"']:
+        for form in forms(secret):
+            assert form not in text, f"{secret!r} leaked into the audit trail as {form!r}"
+    assert "phi:" not in text  # no token either
+
+
+class FlakySink:
+    """The real chained file sink, failing like a full disk while ``broken`` is set."""
+
+    def __init__(self, inner: ChainedFileSink) -> None:
+        self.inner = inner
+        self.broken = False
+
+    async def write(self, events: Sequence[Mapping[str, Any]]) -> None:
+        if self.broken:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        await self.inner.write(events)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def test_a_sink_that_cannot_write_blocks_phi_and_loses_nothing(secrets_dir: Path, tmp_path: Path) -> None:
+    key = load_chain_key(secrets_dir / "chain.key")
+    sink = FlakySink(ChainedFileSink(tmp_path / "audit.jsonl", key))
+    emitter = AuditEmitter(sink, max_queue=4, retry_initial=0.01, retry_max=0.05)
+    app = create_upstream(str(tmp_path / "inner.sqlite"), record=True)
+    app.add_middleware(
+        PHIMiddleware,
+        policies=load_policies([POLICIES]),
+        keys=DataKeyCache(LocalKeyring.load(secrets_dir / "keyring.json")),
+        pepper=Pepper.load(secrets_dir / "pepper.json"),
+        identity=Identity(IdentitySettings(principal_header="X-User", roles_header="X-Roles")),
+        audit=emitter,
+    )
+    with ThreadServer(app) as server, httpx.Client(base_url=server.url, headers=AUTH, timeout=20) as client:
+        assert client.put("/patients/f-0", json=PATIENT).status_code == 200
+        sink.broken = True
+        statuses = [client.put(f"/patients/f-{n}", json=PATIENT).status_code for n in range(1, 8)]
+        # The first requests are admitted while the failure is not yet known; once the sink
+        # has failed, PHI requests are refused and nothing reaches the app.
+        assert statuses[-1] == 503
+        refused = client.put("/patients/f-99", json=PATIENT)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "audit_unavailable"
+        stored_before_recovery = len(app.state.received)
+        sink.broken = False
+        deadline = time.monotonic() + 10
+        while not emitter.accepting and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.put("/patients/f-100", json=PATIENT).status_code == 200
+    assert all(r["path"] != "/patients/f-99" for r in app.state.received)
+    admitted = stored_before_recovery + 1  # + f-100
+    report = verify_chain(tmp_path / "audit.jsonl", key)
+    assert report.ok, report.message
+    events = read_events(tmp_path / "audit.jsonl")
+    # every request has its event: admitted ones and refused ones alike, none lost
+    assert len(events) == 1 + 7 + 1 + 1
+    assert sum(1 for e in events if e["status"] == 200) == admitted
+    assert emitter.stats.dropped == 0
