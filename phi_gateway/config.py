@@ -46,8 +46,10 @@ class GatewayConfig:
     jwt_roles_claim: str = "roles"
     break_glass_role: str | None = None
     break_glass_reason_header: str = "X-Break-Glass-Reason"
-    # audit trail: "stdout" (JSON lines), "file" (hash-chained JSON lines) or "none"
+    # audit trail: "stdout" (JSON lines), "file" (hash-chained JSON lines), "cloudwatch" or "none"
     audit_sink: str = "stdout"
+    audit_log_group: str | None = None  # cloudwatch
+    audit_log_stream: str = "phi-gateway-{host}-{pid}"
     audit_file: str = "audit-{pid}.jsonl"  # {pid}: one chain per worker process
     audit_chain_key_file: str | None = None
     audit_on_failure: str = "block"  # or "drop"
@@ -76,8 +78,10 @@ class GatewayConfig:
             raise ConfigError("configure at most one pepper source: pepper or pepper_secret_id")
         if self.workers < 1:
             raise ConfigError("workers must be at least 1")
-        if self.audit_sink not in ("stdout", "file", "none"):
-            raise ConfigError("audit_sink must be stdout, file or none")
+        if self.audit_sink not in ("stdout", "file", "cloudwatch", "none"):
+            raise ConfigError("audit_sink must be stdout, file, cloudwatch or none")
+        if self.audit_sink == "cloudwatch" and not self.audit_log_group:
+            raise ConfigError("the cloudwatch audit sink needs audit_log_group")
         if self.audit_sink == "file" and not self.audit_chain_key_file:
             raise ConfigError(
                 "the file audit sink needs audit_chain_key_file (phi-gateway audit init-key PATH)"

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phi_gateway.audit import AuditEmitter, AuditSink, StdoutSink
 from phi_gateway.audit_chain import ChainedFileSink, load_chain_key
+from phi_gateway.audit_cloudwatch import CloudWatchSink, caller_identity
 from phi_gateway.aws import AwsSettings
 from phi_gateway.bodies import Limits
 from phi_gateway.cache import DataKeyCache
 from phi_gateway.config import GatewayConfig, load_config
+from phi_gateway.exceptions import PHIGatewayError
 from phi_gateway.identity import Identity, IdentitySettings
 from phi_gateway.keyring import LocalKeyring
 from phi_gateway.keys import KeyProvider
@@ -82,9 +85,16 @@ class Gateway:
                 )
             ),
         )
-        self.middleware.audit = _audit(config) if open_audit else None
+        self.middleware.audit = _audit(config, self.aws) if open_audit else None
         if not self.middleware.identity.configured:
             log.warning("no caller identity configured: routes that require a principal answer 401")
+
+    async def _learn_identity(self) -> None:
+        """Who this gateway is to AWS, for every audit event; unknown is logged, not fatal."""
+        try:
+            self.middleware.gateway_identity = await caller_identity(self.aws)
+        except PHIGatewayError as exc:
+            log.warning("own AWS identity unknown (%s): audit events will say null", exc)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan":
@@ -93,21 +103,30 @@ class Gateway:
 
         async def startup_first() -> Message:
             message = await receive()
-            if message["type"] == "lifespan.startup" and self.config.pepper_secret_id:
-                self.middleware.pepper = await Pepper.from_secrets_manager(
-                    self.config.pepper_secret_id, self.aws
-                )
+            if message["type"] == "lifespan.startup":
+                if self.config.pepper_secret_id:
+                    self.middleware.pepper = await Pepper.from_secrets_manager(
+                        self.config.pepper_secret_id, self.aws
+                    )
+                if self.config.kms_key_ids:
+                    await self._learn_identity()
             return message
 
         await self.middleware(scope, startup_first, send)
 
 
-def _audit(config: GatewayConfig) -> AuditEmitter | None:
+def _audit(config: GatewayConfig, aws: AwsSettings) -> AuditEmitter | None:
     sink: AuditSink
     if config.audit_sink == "none":
         log.warning("audit trail disabled (audit_sink: none)")
         return None
-    if config.audit_sink == "file":
+    if config.audit_sink == "cloudwatch":
+        assert config.audit_log_group is not None
+        stream = config.audit_log_stream.replace("{host}", socket.gethostname()).replace(
+            "{pid}", str(os.getpid())
+        )
+        sink = CloudWatchSink(config.audit_log_group, stream, aws)
+    elif config.audit_sink == "file":
         assert config.audit_chain_key_file is not None
         path = config.audit_file.replace("{pid}", str(os.getpid()))
         sink = ChainedFileSink(path, load_chain_key(config.audit_chain_key_file))

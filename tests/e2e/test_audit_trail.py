@@ -7,6 +7,7 @@ import asyncio
 import base64
 import errno
 import json
+import logging
 import time
 import urllib.parse
 import uuid
@@ -72,8 +73,11 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 
 
 def test_every_phi_request_is_recorded_and_the_chain_verifies(
-    deploy: Callable[[], AbstractContextManager[Deployment]], secrets_dir: Path
+    deploy: Callable[[], AbstractContextManager[Deployment]],
+    secrets_dir: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO)
     canary = f"CANARY-{uuid.uuid4()}"
     patients = [{**PATIENT, "notes": f"{canary}-{n}", "first_name": canary} for n in range(40)]
 
@@ -119,6 +123,9 @@ def test_every_phi_request_is_recorded_and_the_chain_verifies(
         for form in forms(secret):
             assert form not in text, f"{secret!r} leaked into the audit trail as {form!r}"
     assert "phi:" not in text  # no token either
+    logged = caplog.text + "".join(r.getMessage() for r in caplog.records)
+    for form in forms(canary):
+        assert form not in logged
 
 
 class FlakySink:
@@ -174,3 +181,28 @@ def test_a_sink_that_cannot_write_blocks_phi_and_loses_nothing(secrets_dir: Path
     assert len(events) == 1 + 7 + 1 + 1
     assert sum(1 for e in events if e["status"] == 200) == admitted
     assert emitter.stats.dropped == 0
+
+
+def test_with_kms_events_name_the_gateway_and_the_master_key(
+    upstream_process: Upstream, secrets_dir: Path, moto_url: str, kms_key: str, tmp_path: Path
+) -> None:
+    audit_file = tmp_path / "kms-audit.jsonl"
+    overrides = {
+        "keyring": None,
+        "kms_key_ids": [kms_key],
+        "aws_endpoint_url": moto_url,
+        "audit_file": str(audit_file),
+    }
+    upstream_process.reset(data=True)
+    with (
+        proxy_deployment(upstream_process, secrets_dir, **overrides) as deployment,
+        deployment.client() as client,
+    ):
+        assert client.put("/patients/k-1", json=PATIENT).status_code == 200
+        deployment.keys.clear()
+        assert client.get("/patients/k-1").json()["ssn"] == PATIENT["ssn"]
+    events = read_events(audit_file)
+    assert [e["method"] for e in events] == ["PUT", "GET"]
+    assert all(e["gateway"].startswith("arn:aws:") for e in events)  # STS GetCallerIdentity at start
+    assert events[0]["request"]["key_refs"] == [kms_key] and events[1]["response"]["key_refs"] == [kms_key]
+    assert "123-45-6789" not in upstream_process.received().__repr__()
