@@ -21,7 +21,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from phi_gateway.audit import AuditEmitter
-from phi_gateway.audit_chain import ChainedFileSink, create_chain_key_file, load_chain_key
+from phi_gateway.audit_chain import ChainedFileSink, create_chain_key_file, load_chain_key, verify_chain
 from phi_gateway.cache import DataKeyCache
 from phi_gateway.cli_serve import SERVER_OPTIONS
 from phi_gateway.config import GatewayConfig
@@ -80,6 +80,12 @@ class ThreadServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+def assert_chain_verifies(path: Path, secrets: Path) -> None:
+    """Every deployment's audit file, once its server has drained it, must verify."""
+    report = verify_chain(path, load_chain_key(secrets / "chain.key"))
+    assert report.ok and not report.torn_tail, f"{path}: {report.message}"
 
 
 @dataclass
@@ -178,6 +184,8 @@ def proxy_deployment(upstream: Upstream, secrets: Path, **overrides: Any) -> Ite
         yield Deployment(
             server.url, upstream, gateway.middleware.keys, "proxy", audit_file=Path(config.audit_file)
         )
+    if config.audit_sink == "file" and Path(config.audit_file).exists():
+        assert_chain_verifies(Path(config.audit_file), secrets)
 
 
 @contextlib.contextmanager
@@ -201,6 +209,7 @@ def middleware_deployment(secrets: Path, tmp: Path, **limits: Any) -> Iterator[D
     )
     with ThreadServer(app) as server:
         yield Deployment(server.url, Upstream(server.url), keys, "middleware", app.state.store, audit_file)
+    assert_chain_verifies(audit_file, secrets)
 
 
 @pytest.fixture(params=["proxy", "middleware"])
