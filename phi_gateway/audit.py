@@ -109,6 +109,7 @@ class AuditEmitter:
         self._task: asyncio.Task[None] | None = None
         self._stop_lock = asyncio.Lock()
         self._failing = self._stopping = self._closed = self._dropping = False
+        self._reserved = 0  # admitted requests whose events are not emitted yet
 
     def __repr__(self) -> str:
         return (
@@ -119,7 +120,18 @@ class AuditEmitter:
     @property
     def accepting(self) -> bool:
         running = self._task is not None and not self._task.done() and not self._stopping
-        return running and not self._failing and self.stats.queue_depth < self.max_queue
+        return running and not self._failing and self.stats.queue_depth + self._reserved < self.max_queue
+
+    def admit(self) -> bool:
+        """Reserve room for one request's event before it moves PHI; False when there is none.
+
+        An admitted request's event (``emit(..., admitted=True)``) is never dropped in block
+        mode, however long the request takes or however many refusals are recorded meanwhile.
+        """
+        if not self.accepting:
+            return False
+        self._reserved += 1
+        return True
 
     async def start(self) -> None:
         if self._closed:
@@ -127,8 +139,13 @@ class AuditEmitter:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._drain(), name="phi-gateway audit")
 
-    def emit(self, event: Mapping[str, Any]) -> bool:
-        """Queue a copy of ``event``; False if it was dropped. Raises AuditError if it is not JSON."""
+    def emit(self, event: Mapping[str, Any], *, admitted: bool = False) -> bool:
+        """Queue a copy of ``event``; False if it was dropped. Raises AuditError if it is not JSON.
+
+        ``admitted``: the event of a request ``admit()`` let in, which spends its reservation.
+        """
+        if admitted:
+            self._reserved = max(0, self._reserved - 1)
         try:
             # A round trip through JSON copies deeply and makes sure the sink can serialize it,
             # so one bad event cannot wedge the queue behind it.
@@ -139,7 +156,8 @@ class AuditEmitter:
             raise AuditError("audit event must be a JSON object")
         depth = self.stats.queue_depth
         self.stats.emitted += 1
-        if self._closed or depth >= self._limit:
+        reserved = admitted and self.on_failure == "block"
+        if self._closed or (depth >= self._limit and not reserved):
             self.stats.dropped += 1
             if not self._dropping:  # one line per run of drops, not one per event
                 self._dropping = True

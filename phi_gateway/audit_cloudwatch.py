@@ -37,6 +37,9 @@ class CloudWatchSink:
         self._session = session or aioboto3.Session()
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
+        # (batch id, events already put): a batch split across calls and retried after a
+        # failure resumes where it stopped instead of writing its first part twice.
+        self._progress: tuple[int, int] = (0, 0)
 
     def __repr__(self) -> str:
         return f"CloudWatchSink(group={self.group!r}, stream={self.stream!r})"
@@ -64,7 +67,9 @@ class CloudWatchSink:
         now = int(time.time() * 1000)
         batch: list[dict[str, Any]] = []
         size = 0
-        for event in events:
+        done = self._progress[1] if self._progress[0] == id(events) else 0
+        self._progress = (id(events), done)
+        for event in events[done:]:
             try:
                 message = orjson.dumps(dict(event)).decode()
             except orjson.JSONEncodeError:
@@ -72,11 +77,14 @@ class CloudWatchSink:
             cost = len(message.encode()) + _OVERHEAD
             if batch and (len(batch) == _MAX_EVENTS or size + cost > _MAX_BYTES):
                 await self._put(client, batch)
+                done += len(batch)
+                self._progress = (id(events), done)
                 batch, size = [], 0
             batch.append({"timestamp": now, "message": message})
             size += cost
         if batch:
             await self._put(client, batch)
+        self._progress = (0, 0)
 
     async def _put(self, client: Any, batch: list[dict[str, Any]]) -> None:
         async with calling("CloudWatch Logs", "PutLogEvents", self._settings):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -34,6 +35,7 @@ _BODY_HEADERS = {b"content-length", b"transfer-encoding", b"content-encoding", b
 _PARTIAL = {b"range", b"if-range"}
 _VALIDATORS = {b"etag", b"last-modified", b"content-md5", b"digest", b"accept-ranges", b"cache-control"}
 _NO_BODY_STATUS = {204, 205, 304}
+MAX_AUDIT_RECORDS = 100
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -72,6 +74,7 @@ class Exchange:
         given = self.headers.get("x-request-id", "")
         self.request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         self.principal: Principal | None = None
+        self.admitted = False
 
     @property
     def roles(self) -> frozenset[str] | None:
@@ -83,6 +86,10 @@ class Exchange:
     async def run(self) -> None:
         try:
             await self.exchange()
+        except BaseException as exc:
+            if self.error_code is None:
+                self.error_code = "cancelled" if isinstance(exc, asyncio.CancelledError) else "aborted"
+            raise
         finally:
             self.record()
 
@@ -92,9 +99,13 @@ class Exchange:
             if self.principal is None and self.route.require_principal:
                 raise HTTPError(401, "authentication_required", "this route needs an authenticated caller")
             audit = self.mw.audit
-            if audit is not None and audit.on_failure == "block" and not audit.accepting:
-                # Nothing lost: a request the trail cannot record moves no PHI.
-                raise HTTPError(503, "audit_unavailable", "the audit trail cannot take events", retry_after=2)
+            if audit is not None and audit.on_failure == "block":
+                # Nothing lost: a request moves PHI only with room for its event reserved.
+                self.admitted = audit.admit()
+                if not self.admitted:
+                    raise HTTPError(
+                        503, "audit_unavailable", "the audit trail cannot take events", retry_after=2
+                    )
             receive = await self.prepare_request()
         except ClientGone:
             self.error_code = "client_gone"
@@ -128,7 +139,9 @@ class Exchange:
             rewritten, counts = rewrite_query(query, self.route.query, self.mw.pepper)
             self.searched = dict(counts)
             self.scope["query_string"] = rewritten.encode("ascii")
-        raw_headers = [(k, v) for k, v in self.scope["headers"] if k.lower() != b"x-request-id"]
+        # The break-glass reason is for the audit trail, not for the upstream.
+        private = {b"x-request-id", self.mw.identity.settings.break_glass_reason_header.lower().encode()}
+        raw_headers = [(k, v) for k, v in self.scope["headers"] if k.lower() not in private]
         raw_headers.append((b"x-request-id", self.request_id.encode()))
         if self.route.response is not None:
             # Ask for a whole, uncompressed response: it has to be decrypted, not relayed.
@@ -177,14 +190,10 @@ class Exchange:
         rule = self.route.response
         assert rule is not None
         if message["type"] == "http.response.start":
-            headers = Headers(raw=message["headers"])
             status = self.upstream_status = message["status"]
-            if (
-                rule.applies_to(status)
-                and status not in _NO_BODY_STATUS
-                and is_json(headers.get("content-type"))
-                and not self.head
-            ):
+            if rule.applies_to(status) and status not in _NO_BODY_STATUS and not self.head:
+                # Buffered whatever its type: a body the rule covers that is not JSON cannot
+                # be checked for plaintext, so it is refused rather than relayed.
                 self.response_start = message
                 return
             await self.send_through(message)
@@ -205,6 +214,10 @@ class Exchange:
         assert start is not None
         headers = Headers(raw=start["headers"])
         body = b"".join(self.response_chunks)
+        if body and not is_json(headers.get("content-type")):
+            raise HTTPError(
+                502, "upstream_not_json", "the upstream answered a protected route with a non-JSON body"
+            )
         encoding = headers.get("content-encoding", "identity").strip().lower()
         body = inflate_response(body, encoding, self.mw.limits.max_response)
         if body:
@@ -233,6 +246,15 @@ class Exchange:
         await self.send({**start, "headers": self._tagged(raw)})
         await self.send({"type": "http.response.body", "body": body})
 
+    def outcome(self) -> str:
+        if self.error_code in ("aborted", "cancelled", "client_gone"):
+            return "incomplete"
+        if self.error_code is not None:
+            return "refused"
+        if self.client_status is None:
+            return "incomplete"  # the client left before any answer
+        return "upstream_error" if self.upstream_status is not None and self.upstream_status >= 500 else "ok"
+
     def record(self) -> None:
         """The audit event of this request: who, which records, which fields, what happened.
         Paths, counts, ids and codes only: never a value, token, key or body."""
@@ -251,7 +273,7 @@ class Exchange:
             "method": self.scope["method"],
             "route": self.route.template.text,
             "policy": self.route.policy,
-            "outcome": "ok" if self.error_code is None else "refused",
+            "outcome": self.outcome(),
             "status": self.client_status,
             "error": self.error_code,
             "upstream_status": self.upstream_status,
@@ -263,7 +285,9 @@ class Exchange:
             event["searched"] = self.searched
         for side, report in self.reports:
             event[side] = {
-                "records": report.audit_contexts,
+                # capped, so one large listing cannot make an event no sink accepts
+                "records": report.audit_contexts[:MAX_AUDIT_RECORDS],
+                "records_total": len(report.audit_contexts),
                 "fields": {
                     action: dict(counter)
                     for action, counter in (
@@ -279,7 +303,7 @@ class Exchange:
                 "key_refs": sorted(report.key_refs),
             }
         try:
-            audit.emit(event)
+            audit.emit(event, admitted=self.admitted)
         except Exception as exc:  # the request is over; losing its event must at least be loud
             log.error("audit event of request %s not recorded: %s", self.request_id, type(exc).__name__)
 

@@ -108,7 +108,8 @@ class Gateway:
                     self.middleware.pepper = await Pepper.from_secrets_manager(
                         self.config.pepper_secret_id, self.aws
                     )
-                if self.config.kms_key_ids:
+                uses_aws = self.config.kms_key_ids or self.config.pepper_secret_id
+                if uses_aws or self.config.audit_sink == "cloudwatch":
                     await self._learn_identity()
             return message
 

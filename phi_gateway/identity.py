@@ -95,8 +95,9 @@ class Identity:
         try:
             key = self._key
             if self._jwks is not None:
+                # The PyJWK itself, so PyJWT checks the token's algorithm against the key's.
                 kid = jwt.get_unverified_header(token).get("kid")
-                key = next(k for k in self._jwks.keys if k.key_id == kid).key
+                key = next(k for k in self._jwks.keys if k.key_id == kid)
             claims = jwt.decode(
                 token,
                 key,
@@ -106,7 +107,7 @@ class Identity:
                 leeway=s.leeway_seconds,
                 options={"require": ["exp", "iss", "aud", "sub"]},
             )
-        except (jwt.PyJWTError, StopIteration, ValueError):
+        except (jwt.PyJWTError, StopIteration, ValueError, TypeError, KeyError):
             # One answer for every failure: which check failed is not the caller's business.
             raise HTTPError(401, "invalid_credentials", "the bearer token is not valid") from None
         roles = claims.get(s.jwt_roles_claim, [])
@@ -114,7 +115,9 @@ class Identity:
             roles = roles.split()
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise HTTPError(401, "invalid_credentials", "the bearer token is not valid")
-        return Principal(str(claims["sub"]), frozenset(roles), "jwt")
+        if not isinstance(claims["sub"], str) or not claims["sub"].strip():
+            raise HTTPError(401, "invalid_credentials", "the bearer token is not valid")
+        return Principal(claims["sub"], frozenset(roles), "jwt")
 
     def _from_headers(self, headers: Mapping[str, str]) -> Principal | None:
         s = self.settings
@@ -130,7 +133,9 @@ class Identity:
         role = self.settings.break_glass_role
         if not role or role not in principal.roles:
             return principal
-        reason = headers.get(self.settings.break_glass_reason_header.lower(), "").strip()
+        # Printable ASCII only, bounded: the reason is written to the audit trail verbatim.
+        raw = headers.get(self.settings.break_glass_reason_header.lower(), "")
+        reason = "".join(ch for ch in raw if " " <= ch <= "~").strip()
         if not reason:
             raise HTTPError(403, "break_glass_reason_required", "emergency access needs a reason header")
         return Principal(principal.id, principal.roles, principal.source, True, reason[:_MAX_REASON])

@@ -10,6 +10,7 @@ to policy routes are buffered, decrypted and re-serialized; nothing partial is s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from phi_gateway.pepper import Pepper
 from phi_gateway.policy import PolicySet
 
 log = logging.getLogger("phi_gateway")
+AUDIT_DRAIN_SECONDS = 10.0
 
 _AMBIGUOUS = re.compile(rb"%2[eEfF]|%5[cC]|\\|;")
 _AMBIGUOUS_PATH = HTTPError(
@@ -122,7 +124,11 @@ class PHIMiddleware:
 
     async def shutdown(self) -> None:
         if self.audit is not None:
-            await self.audit.stop()  # drains: graceful shutdown loses no event
+            try:
+                async with asyncio.timeout(AUDIT_DRAIN_SECONDS):
+                    await self.audit.stop()  # drains: graceful shutdown loses no event it can write
+            except TimeoutError:
+                log.error("audit trail not drained within %s s at shutdown", AUDIT_DRAIN_SECONDS)
         close = getattr(self.keys.provider, "close", None)
         if close is not None:
             await close()

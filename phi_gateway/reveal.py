@@ -5,9 +5,10 @@ the plaintext (``mask_last4``); ``mask`` and ``remove`` never touch the key serv
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
+from phi_gateway.jsonpath import JsonPath
 from phi_gateway.policy import ResponseRule
 
 Action = Literal["decrypt", "mask_last4", "mask", "remove", "token"]
@@ -25,6 +26,28 @@ def plan(rule: ResponseRule, roles: frozenset[str] | None) -> dict[str, Action]:
         else:
             actions[path.canonical] = reveal.otherwise
     return actions
+
+
+# When two decrypt paths select one place, the more restrictive action wins.
+_STRICTNESS: dict[Action, int] = {"decrypt": 0, "mask_last4": 1, "token": 2, "mask": 3, "remove": 4}
+
+
+def per_place(
+    rule: ResponseRule,
+    actions: Mapping[str, Action],
+    record: Any,
+    places: Callable[[JsonPath, Any], list[tuple[Any, Any]]],
+) -> list[tuple[Any, Any, str, Action]]:
+    """Every place the rule's decrypt paths select in ``record``, once, with its action."""
+    chosen: dict[tuple[int, Any], tuple[Any, Any, str, Action]] = {}
+    for path in rule.decrypt:
+        action = actions[path.canonical]
+        for parent, key in places(path, record):
+            slot = (id(parent), key)
+            known = chosen.get(slot)
+            if known is None or _STRICTNESS[action] > _STRICTNESS[known[3]]:
+                chosen[slot] = (parent, key, path.canonical, action)
+    return list(chosen.values())
 
 
 def mask_last4(value: Any) -> str:

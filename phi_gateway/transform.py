@@ -104,10 +104,16 @@ def _context(spec: ContextSpec, record: Mapping[str, Any], scope: Scope, pepper:
             kms[entry.name] = pepper.pseudonymizer(spec.policy).pseudonym(entry.name, exact[entry.name])
         else:
             kms[entry.name] = exact[entry.name]
-    audit = {
-        e.name: kms[e.name] if e.kms == "pseudonymize" and e.name in kms else exact[e.name]
-        for e in spec.entries
-    }
+    # The audit trail shows request-derived values as pseudonyms unless the policy says
+    # kms: plain, whatever reaches KMS (per_policy and omit entries never do).
+    audit = {}
+    for entry in spec.entries:
+        if entry.source == "literal" or entry.kms == "plain" or pepper is None:
+            audit[entry.name] = exact[entry.name]
+        else:
+            audit[entry.name] = kms.get(entry.name) or pepper.pseudonymizer(spec.policy).pseudonym(
+                entry.name, exact[entry.name]
+            )
     return _Record(exact, kms, encode_context(exact), audit)
 
 
@@ -236,29 +242,30 @@ async def decrypt_response(
         report.contexts.append(ctx.exact)
         report.audit_contexts.append(ctx.audit)
         digest = context_digest(ctx.kms)
-        for path in rule.decrypt:
-            action = actions[path.canonical]
-            for parent, key in _places(path, record):
-                value = parent[key]
-                if action in ("remove", "mask", "token"):  # decided without decrypting
-                    report.withheld[path.canonical] += 1
-                    if action == "remove":
-                        removals.append((parent, key))
-                    elif action == "mask" or not envelope.is_token(value):
-                        parent[key] = reveal.MASK
-                    continue
-                if not envelope.is_token(value):
-                    if value is not None:
-                        report.plaintext_seen[path.canonical] += 1
-                    continue
-                try:
-                    token = envelope.parse(value)
-                except InvalidToken:
-                    _integrity_failure(rule, parent, key, path.canonical, report)
-                    continue
-                slot = (token.key_ref, token.wrapped_key, digest)
-                unwrap.setdefault(slot, ctx.kms)
-                pending.append((parent, key, path.canonical, token, ctx.context_bytes, slot))
+        for parent, key, canonical, action in reveal.per_place(rule, actions, record, _places):
+            value = parent[key]
+            if action in ("remove", "mask", "token"):  # decided without decrypting
+                report.withheld[canonical] += 1
+                if action == "remove":
+                    removals.append((parent, key))
+                elif action == "mask" or not envelope.is_token(value):
+                    parent[key] = reveal.MASK
+                continue
+            if not envelope.is_token(value):
+                if value is not None:
+                    report.plaintext_seen[canonical] += 1
+                    if action == "mask_last4":  # stored in the clear: still shown only as its mask
+                        parent[key] = reveal.mask_last4(value)
+                        report.withheld[canonical] += 1
+                continue
+            try:
+                token = envelope.parse(value)
+            except InvalidToken:
+                _integrity_failure(rule, parent, key, canonical, report)
+                continue
+            slot = (token.key_ref, token.wrapped_key, digest)
+            unwrap.setdefault(slot, ctx.kms)
+            pending.append((parent, key, canonical, token, ctx.context_bytes, slot))
     report.records = len(records)
     slots = list(unwrap)
     results = await asyncio.gather(

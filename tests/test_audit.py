@@ -662,3 +662,32 @@ def test_the_documented_example_verifies(tmp_path: Path) -> None:
     first = orjson.loads(example[0])
     assert example[0].encode() == doc_line(key, 1, ZERO, first["event"])
     assert base64.urlsafe_b64encode(key).rstrip(b"=").decode() in text
+
+
+async def test_admitted_events_survive_a_flood_of_refusals(tmp_path: Path) -> None:
+    class Stuck:
+        def __init__(self) -> None:
+            self.written: list[Mapping[str, Any]] = []
+            self.broken = True
+
+        async def write(self, events: Sequence[Mapping[str, Any]]) -> None:
+            if self.broken:
+                raise OSError("disk full")
+            self.written.extend(events)
+
+        async def close(self) -> None:
+            return None
+
+    sink = Stuck()
+    emitter = AuditEmitter(sink, max_queue=3, retry_initial=0.001, retry_max=0.002)
+    await emitter.start()
+    assert all(emitter.admit() for _ in range(3))  # three requests admitted before anything failed
+    assert not emitter.admit()  # full: a fourth would be refused with 503
+    for n in range(50):
+        emitter.emit({"kind": "refusal", "n": n})  # events of refused requests: droppable
+    for n in range(3):
+        assert emitter.emit({"kind": "admitted", "n": n}, admitted=True)
+    sink.broken = False
+    await emitter.stop()
+    assert [e["n"] for e in sink.written if e["kind"] == "admitted"] == [0, 1, 2]
+    assert emitter.stats.dropped > 0 and emitter.stats.emitted == 53

@@ -139,3 +139,24 @@ def test_settings_refuse_unpinned_or_none_algorithms(tmp_path: Path) -> None:
         IdentitySettings(jwt_secret_file="x")
     with pytest.raises(ValueError, match="none"):
         IdentitySettings(jwt_secret_file="x", jwt_algorithms=("none",), jwt_issuer="i", jwt_audience="a")
+
+
+def test_jwks_key_is_bound_to_its_algorithm_and_subject_must_be_real(tmp_path: Path) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "use": "sig", "alg": "RS256"}]}))
+    identity = Identity(
+        IdentitySettings(
+            jwt_jwks_file=str(jwks),
+            jwt_algorithms=("RS256", "HS256"),
+            jwt_issuer=ISSUER,
+            jwt_audience=AUDIENCE,
+        )
+    )
+    confused = jwt.encode(claims(), b"k" * 48, algorithm="HS256", headers={"kid": "k1"})
+    with pytest.raises(HTTPError) as failure:  # an HS256 token naming an RSA key: 401, never 500
+        identity.resolve(bearer(confused))
+    assert failure.value.status == 401
+    with pytest.raises(HTTPError):
+        identity.resolve(bearer(jwt.encode(claims(sub=" "), key, algorithm="RS256", headers={"kid": "k1"})))

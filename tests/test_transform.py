@@ -409,3 +409,35 @@ async def test_withheld_fields_are_never_decrypted(tmp_path: Path, keyring: KeyP
             pepper=None,
             roles=frozenset({"clinician"}),
         )
+
+
+OVERLAP_POLICY = """
+version: 1
+name: overlap
+routes:
+  - match: {methods: [GET], path: "/o/{pid}"}
+    response:
+      context: {ResourceId: {param: pid, kms: plain}}
+      decrypt: ["$.ids[*]", "$.ssn", "$.ids[0]"]
+      reveal:
+        "$.ids[0]": {roles: [clinician], otherwise: mask}
+        "$.ssn": {roles: [clinician], otherwise: mask_last4}
+"""
+
+
+async def test_restricted_fields_stay_masked_even_in_plaintext_or_selected_twice(
+    tmp_path: Path, keyring: KeyProvider
+) -> None:
+    (tmp_path / "overlap.yaml").write_text(OVERLAP_POLICY)
+    get = rule(load_policies([tmp_path / "overlap.yaml"]), "GET", "/o/p-1", "response")
+    doc = {"ssn": "123-45-6789", "ids": ["SECRET-ID-1", "public-2"]}  # stored before the gateway
+    report = await decrypt_response(
+        doc,
+        get,
+        Scope({"pid": "p-1"}, {}),
+        keys=DataKeyCache(keyring),
+        pepper=None,
+        roles=frozenset({"billing"}),
+    )
+    assert doc == {"ssn": "*******6789", "ids": ["****", "public-2"]}
+    assert report.plaintext_seen == {"$.ssn": 1, "$.ids[*]": 1}

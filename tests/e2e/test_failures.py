@@ -57,6 +57,14 @@ class FakeUpstream:
         elif self.behaviour == "reset":
             writer.transport.abort()
             return
+        elif self.behaviour == "text":
+            body = b"ssn=123-45-6789"  # a legacy endpoint answering a protected route in plain text
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
         elif self.behaviour == "redirect":
             writer.write(
                 f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {self.url}/patients/p-7\r\n".encode()
@@ -88,6 +96,7 @@ class FakeUpstream:
         ("reset", "GET", "/anything", 502, "upstream_unavailable"),
         ("hang", "GET", "/patients", 504, "upstream_timeout"),
         ("truncate", "GET", "/patients", 502, "upstream_unavailable"),
+        ("text", "GET", "/patients", 502, "upstream_not_json"),
     ],
 )
 def test_upstream_faults_are_json_errors(

@@ -388,6 +388,8 @@ def test_break_glass_reveals_everything_and_needs_a_reason(deployment: Deploymen
     assert refused.status_code == 403 and error_code(refused) == "break_glass_reason_required"
     assert allowed.status_code == 200
     assert allowed.json()["ssn"] == "123-45-6789" and allowed.json()["notes"] == PATIENT["notes"]
+    # the reason is for the audit trail; the upstream never sees it
+    assert all("x-break-glass-reason" not in r["headers"] for r in deployment.upstream.received())
 
 
 def test_request_ids_are_honoured_and_forwarded(deployment: Deployment) -> None:
