@@ -131,6 +131,7 @@ async def _run_demo(port: int, upstream_port: int, workdir: Path, wait: bool) ->
     config = GatewayConfig(
         principal_header="X-User",  # the demo trusts these headers; production uses a JWT or a real proxy
         roles_header="X-Roles",
+        trusted_proxies=["127.0.0.1", "::1"],  # the demo's curl plays the login proxy
         break_glass_role="emergency",
         upstream=upstream_url,
         policies=[str(Path(__file__).parent / "demo_policies")],  # a copy of policies/patients.yaml

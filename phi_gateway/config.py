@@ -37,6 +37,7 @@ class GatewayConfig:
     # caller identity: trusted proxy headers and/or a verified bearer JWT
     principal_header: str | None = None
     roles_header: str | None = None
+    trusted_proxies: list[str] = field(default_factory=list)
     jwt_secret_file: str | None = None
     jwt_public_key_file: str | None = None
     jwt_jwks_file: str | None = None

@@ -95,7 +95,9 @@ class Exchange:
 
     async def exchange(self) -> None:
         try:
-            self.principal = self.mw.identity.resolve(self.headers)
+            self._refuse_repeated_identity_headers()
+            client = self.scope.get("client")
+            self.principal = self.mw.identity.resolve(self.headers, client[0] if client else None)
             if self.principal is None and self.route.require_principal:
                 raise HTTPError(401, "authentication_required", "this route needs an authenticated caller")
             audit = self.mw.audit
@@ -245,6 +247,15 @@ class Exchange:
         self.client_status = start["status"]
         await self.send({**start, "headers": self._tagged(raw)})
         await self.send({"type": "http.response.body", "body": body})
+
+    def _refuse_repeated_identity_headers(self) -> None:
+        """Servers disagree on which copy of a repeated header counts: refuse the question."""
+        settings = self.mw.identity.settings
+        names = {n.lower().encode() for n in (settings.principal_header, settings.roles_header) if n}
+        names.add(b"authorization")
+        seen = [k.lower() for k, _ in self.scope["headers"] if k.lower() in names]
+        if len(seen) != len(set(seen)):
+            raise HTTPError(401, "invalid_credentials", "identity headers must appear once")
 
     def outcome(self) -> str:
         if self.error_code in ("aborted", "cancelled", "client_gone"):

@@ -73,6 +73,7 @@ class Gateway:
                 IdentitySettings(
                     principal_header=config.principal_header,
                     roles_header=config.roles_header,
+                    trusted_proxies=tuple(config.trusted_proxies),
                     jwt_secret_file=config.jwt_secret_file,
                     jwt_public_key_file=config.jwt_public_key_file,
                     jwt_jwks_file=config.jwt_jwks_file,

@@ -7,6 +7,7 @@ header); such requests see every field and are flagged in the audit trail.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ class IdentitySettings:
 
     principal_header: str | None = None  # trusted proxy: e.g. X-Authenticated-User
     roles_header: str | None = None  # trusted proxy: comma-separated roles
+    trusted_proxies: tuple[str, ...] = ()  # addresses/networks whose identity headers count
     jwt_secret_file: str | None = None  # HMAC secret (HS256/384/512)
     jwt_public_key_file: str | None = None  # PEM public key (RS*/ES*/PS*/EdDSA)
     jwt_jwks_file: str | None = None  # a JWKS document; tokens pick a key by "kid"
@@ -57,6 +59,13 @@ class IdentitySettings:
             raise ValueError("the 'none' algorithm is never accepted.")
         if self.roles_header and not self.principal_header:
             raise ValueError("roles_header needs principal_header.")
+        if self.principal_header and not self.trusted_proxies:
+            # Anyone who can reach the gateway could otherwise claim any identity and role.
+            raise ValueError(
+                "principal_header needs trusted_proxies: the addresses of the proxy that sets it."
+            )
+        for network in self.trusted_proxies:
+            ipaddress.ip_network(network, strict=False)  # ValueError on a typo, at startup
 
 
 class Identity:
@@ -65,6 +74,7 @@ class Identity:
     def __init__(self, settings: IdentitySettings | None = None) -> None:
         self.settings = settings or IdentitySettings()
         s = self.settings
+        self._networks = [ipaddress.ip_network(n, strict=False) for n in s.trusted_proxies]
         self._key: Any = None
         self._jwks: jwt.PyJWKSet | None = None
         if s.jwt_secret_file:
@@ -78,9 +88,10 @@ class Identity:
     def configured(self) -> bool:
         return bool(self._key is not None or self._jwks is not None or self.settings.principal_header)
 
-    def resolve(self, headers: Mapping[str, str]) -> Principal | None:
-        """``headers`` with lower-case names. None when the request carries no identity."""
-        principal = self._from_jwt(headers) or self._from_headers(headers)
+    def resolve(self, headers: Mapping[str, str], client: str | None = None) -> Principal | None:
+        """``headers`` with lower-case names; ``client`` the peer address. None when the
+        request carries no identity."""
+        principal = self._from_jwt(headers) or self._from_headers(headers, client)
         if principal is None:
             return None
         return self._break_glass(principal, headers)
@@ -119,15 +130,24 @@ class Identity:
             raise HTTPError(401, "invalid_credentials", "the bearer token is not valid")
         return Principal(claims["sub"], frozenset(roles), "jwt")
 
-    def _from_headers(self, headers: Mapping[str, str]) -> Principal | None:
+    def _from_headers(self, headers: Mapping[str, str], client: str | None) -> Principal | None:
         s = self.settings
-        if not s.principal_header:
+        if not s.principal_header or not self._trusted(client):
             return None
         who = headers.get(s.principal_header.lower(), "").strip()
         if not who:
             return None
         roles = headers.get(s.roles_header.lower(), "") if s.roles_header else ""
         return Principal(who, frozenset(r.strip() for r in roles.split(",") if r.strip()), "header")
+
+    def _trusted(self, client: str | None) -> bool:
+        if client is None:
+            return False
+        try:
+            address = ipaddress.ip_address(client)
+        except ValueError:
+            return False
+        return any(address in network for network in self._networks)
 
     def _break_glass(self, principal: Principal, headers: Mapping[str, str]) -> Principal:
         role = self.settings.break_glass_role

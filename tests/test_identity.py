@@ -118,11 +118,20 @@ def test_rsa_public_key_and_jwks(tmp_path: Path) -> None:
         )
 
 
-def test_trusted_headers_only_when_configured() -> None:
+def test_trusted_headers_only_when_configured_and_only_from_the_proxy() -> None:
     headers = {"x-user": "nurse-1", "x-roles": "nurse, triage"}
-    assert Identity().resolve(headers) is None
-    principal = Identity(IdentitySettings(principal_header="X-User", roles_header="X-Roles")).resolve(headers)
+    assert Identity().resolve(headers, "10.0.0.5") is None
+    identity = Identity(
+        IdentitySettings(
+            principal_header="X-User", roles_header="X-Roles", trusted_proxies=("10.0.0.0/24", "::1")
+        )
+    )
+    principal = identity.resolve(headers, "10.0.0.5")
     assert principal is not None and principal.roles == {"nurse", "triage"} and principal.source == "header"
+    assert identity.resolve(headers, "10.0.1.5") is None  # straight to the gateway: headers ignored
+    assert identity.resolve(headers, None) is None
+    with pytest.raises(ValueError, match="trusted_proxies"):
+        IdentitySettings(principal_header="X-User")
 
 
 def test_break_glass_needs_a_reason_and_is_flagged(hmac_identity: Identity) -> None:

@@ -168,6 +168,7 @@ def proxy_config(upstream: str, secrets: Path, **overrides: Any) -> GatewayConfi
         "pepper": str(secrets / "pepper.json"),
         "principal_header": "X-User",
         "roles_header": "X-Roles",
+        "trusted_proxies": ["127.0.0.1"],
         "break_glass_role": "emergency",
         "audit_sink": "file",
         "audit_chain_key_file": str(secrets / "chain.key"),
@@ -203,7 +204,12 @@ def middleware_deployment(secrets: Path, tmp: Path, **limits: Any) -> Iterator[D
         pepper=Pepper.load(secrets / "pepper.json"),
         limits=Limits(**limits),
         identity=Identity(
-            IdentitySettings(principal_header="X-User", roles_header="X-Roles", break_glass_role="emergency")
+            IdentitySettings(
+                principal_header="X-User",
+                roles_header="X-Roles",
+                trusted_proxies=("127.0.0.1",),
+                break_glass_role="emergency",
+            )
         ),
         audit=emitter,
     )

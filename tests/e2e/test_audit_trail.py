@@ -154,7 +154,11 @@ def test_a_sink_that_cannot_write_blocks_phi_and_loses_nothing(secrets_dir: Path
         policies=load_policies([POLICIES]),
         keys=DataKeyCache(LocalKeyring.load(secrets_dir / "keyring.json")),
         pepper=Pepper.load(secrets_dir / "pepper.json"),
-        identity=Identity(IdentitySettings(principal_header="X-User", roles_header="X-Roles")),
+        identity=Identity(
+            IdentitySettings(
+                principal_header="X-User", roles_header="X-Roles", trusted_proxies=("127.0.0.1",)
+            )
+        ),
         audit=emitter,
     )
     with ThreadServer(app) as server, httpx.Client(base_url=server.url, headers=AUTH, timeout=20) as client:

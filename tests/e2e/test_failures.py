@@ -191,6 +191,7 @@ def served(secrets_dir: Path, upstream_process: Upstream) -> Iterator[str]:
         "PHI_GATEWAY_POLICIES": str(POLICIES),
         "PHI_GATEWAY_PRINCIPAL_HEADER": "X-User",
         "PHI_GATEWAY_ROLES_HEADER": "X-Roles",
+        "PHI_GATEWAY_TRUSTED_PROXIES": "127.0.0.1,::1",
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "phi_gateway", "serve", "--port", str(port), "--workers", "2"],

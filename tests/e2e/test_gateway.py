@@ -405,3 +405,15 @@ def test_request_ids_are_honoured_and_forwarded(deployment: Deployment) -> None:
         "trace-abc.123",
         generated.headers["x-request-id"],
     ]
+
+
+def test_repeated_identity_headers_are_refused(deployment: Deployment) -> None:
+    port = int(deployment.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(
+            b"GET /patients/p-1 HTTP/1.1\r\nHost: x\r\nX-User: nurse\r\nX-Roles: nurse\r\n"
+            b"X-Roles: clinician\r\nConnection: close\r\n\r\n"
+        )
+        reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 401") and b"invalid_credentials" in reply
+    assert deployment.upstream.received() == []
