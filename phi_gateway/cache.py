@@ -13,15 +13,41 @@ reaches every waiter and is never cached.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import math
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from phi_gateway.context import Context, context_digest, encode_context
 from phi_gateway.keys import DataKey, KeyProvider
+
+# Per-request hit/miss counts for the audit trail. A context variable, because one cache
+# serves every request at once; tasks a request spawns share its counter.
+_REQUEST_COUNTS: contextvars.ContextVar[Counter[str] | None] = contextvars.ContextVar(
+    "phi_gateway_cache_counts", default=None
+)
+
+
+@contextmanager
+def counting_requests() -> Iterator[Counter[str]]:
+    """Counts the cache hits and misses of the code run inside it (this task and its children)."""
+    counts: Counter[str] = Counter()
+    token = _REQUEST_COUNTS.set(counts)
+    try:
+        yield counts
+    finally:
+        _REQUEST_COUNTS.reset(token)
+
+
+def _count(what: str) -> None:
+    counts = _REQUEST_COUNTS.get()
+    if counts is not None:
+        counts[what] += 1
+
 
 # NIST SP 800-38D: at most 2^32 invocations of GCM with random IVs under one key.
 GCM_RANDOM_IV_LIMIT = 2**32
@@ -113,8 +139,10 @@ class DataKeyCache:
         entry = self._live(self._encrypt, slot)
         if entry is not None and self._reserve(entry, uses, nbytes):
             self.stats.encrypt_hits += 1
+            _count("hits")
             return entry.key
         self.stats.encrypt_misses += 1
+        _count("misses")
         while True:
             # Reserve on the entry this flight made, even if it has since been evicted or aged:
             # looking it up again could miss it and call KMS once more, without end.
@@ -132,8 +160,10 @@ class DataKeyCache:
         entry = self._live(self._decrypt, slot)
         if entry is not None:
             self.stats.decrypt_hits += 1
+            _count("hits")
             return entry.key
         self.stats.decrypt_misses += 1
+        _count("misses")
         entry = await self._fly(
             slot, lambda generation: self._unwrap(slot, key_ref, wrapped, context, generation)
         )

@@ -8,6 +8,7 @@ import logging
 import re
 import time
 import uuid
+from collections import Counter
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
 from phi_gateway.bodies import ClientGone, inflate_response, is_json, read_body
+from phi_gateway.cache import counting_requests
 from phi_gateway.exceptions import HTTPError
 from phi_gateway.httperrors import http_error, send_error
 from phi_gateway.identity import Principal
@@ -75,6 +77,7 @@ class Exchange:
         self.request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         self.principal: Principal | None = None
         self.admitted = False
+        self.cache_counts: Counter[str] = Counter()
 
     @property
     def roles(self) -> frozenset[str] | None:
@@ -85,7 +88,8 @@ class Exchange:
 
     async def run(self) -> None:
         try:
-            await self.exchange()
+            with counting_requests() as self.cache_counts:
+                await self.exchange()
         except BaseException as exc:
             if self.error_code is None:
                 self.error_code = "cancelled" if isinstance(exc, asyncio.CancelledError) else "aborted"
@@ -289,6 +293,7 @@ class Exchange:
             "error": self.error_code,
             "upstream_status": self.upstream_status,
             "latency_ms": round((time.monotonic() - self.started_at) * 1000, 1),
+            "key_cache": {"hits": self.cache_counts["hits"], "misses": self.cache_counts["misses"]},
         }
         if principal and principal.break_glass:
             event["break_glass_reason"] = principal.reason

@@ -209,4 +209,7 @@ def test_with_kms_events_name_the_gateway_and_the_master_key(
     assert [e["method"] for e in events] == ["PUT", "GET"]
     assert all(e["gateway"].startswith("arn:aws:") for e in events)  # STS GetCallerIdentity at start
     assert events[0]["request"]["key_refs"] == [kms_key] and events[1]["response"]["key_refs"] == [kms_key]
+    # PUT: one miss to make the data key, one hit to decrypt its own echo; the cache was
+    # cleared before the GET, which misses once
+    assert [e["key_cache"] for e in events] == [{"hits": 1, "misses": 1}, {"hits": 0, "misses": 1}]
     assert "123-45-6789" not in upstream_process.received().__repr__()
