@@ -29,8 +29,9 @@ from phi_gateway.keys import DataKey, KeyProvider
 from phi_gateway.kms import KmsKeyProvider
 from phi_gateway.middleware import PHIMiddleware
 from phi_gateway.pepper import Pepper
-from phi_gateway.policy import PolicySet, load_policies
+from phi_gateway.policy import load_policies
 from phi_gateway.proxy import ProxyApp, UpstreamSettings
+from phi_gateway.rules import PolicySet
 from phi_gateway.transform import Scope, decrypt_response, encrypt_request, rewrite_query
 
 __all__ = [

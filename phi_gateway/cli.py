@@ -22,7 +22,7 @@ from phi_gateway.keyring import LocalKeyring, create_keyring
 from phi_gateway.keys import KeyProvider
 from phi_gateway.kms import KmsKeyProvider
 from phi_gateway.pepper import Pepper, create_pepper_file
-from phi_gateway.policy import POLICY_CONTEXT_KEY
+from phi_gateway.rules import POLICY_CONTEXT_KEY
 
 T = TypeVar("T")
 

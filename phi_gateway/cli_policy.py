@@ -15,8 +15,9 @@ from phi_gateway.exceptions import PHIGatewayError, PolicyError
 from phi_gateway.jsonvalue import loads_strict
 from phi_gateway.keyring import LocalKeyring
 from phi_gateway.pepper import Pepper
-from phi_gateway.policy import ContextSpec, PolicySet, RequestRule, ResponseRule, Route, load_policies
+from phi_gateway.policy import load_policies
 from phi_gateway.policy_file import policy_schema
+from phi_gateway.rules import ContextSpec, PolicySet, RequestRule, ResponseRule, Route
 from phi_gateway.transform import Scope, decrypt_response, encrypt_request, rewrite_query
 
 _POLICIES = click.option(

@@ -22,7 +22,7 @@ from phi_gateway.exceptions import HTTPError
 from phi_gateway.httperrors import http_error, send_error
 from phi_gateway.identity import Principal
 from phi_gateway.jsonvalue import loads_strict
-from phi_gateway.policy import ResponseRule, RouteMatch
+from phi_gateway.rules import ResponseRule, RouteMatch
 from phi_gateway.transform import Report, decrypt_response, encrypt_request, rewrite_query
 from phi_gateway.transform import Scope as DocScope
 

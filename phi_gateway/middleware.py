@@ -25,7 +25,7 @@ from phi_gateway.exchange import Exchange
 from phi_gateway.httperrors import send_error
 from phi_gateway.identity import Identity
 from phi_gateway.pepper import Pepper
-from phi_gateway.policy import PolicySet
+from phi_gateway.rules import PolicySet
 
 log = logging.getLogger("phi_gateway")
 AUDIT_DRAIN_SECONDS = 10.0

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 from phi_gateway.jsonpath import JsonPath
-from phi_gateway.policy import ResponseRule
+from phi_gateway.rules import ResponseRule
 
 Action = Literal["decrypt", "mask_last4", "mask", "remove", "token"]
 MASK = "****"

@@ -26,7 +26,7 @@ from phi_gateway.exceptions import DocumentError, InvalidToken, UnknownMasterKey
 from phi_gateway.jsonpath import JsonPath
 from phi_gateway.keys import DataKey
 from phi_gateway.pepper import Pepper
-from phi_gateway.policy import (
+from phi_gateway.rules import (
     POLICY_CONTEXT_KEY,
     ContextSpec,
     FieldIndex,

@@ -15,7 +15,8 @@ from phi_gateway.cache import DataKeyCache
 from phi_gateway.context import Context
 from phi_gateway.keys import DataKey, KeyProvider
 from phi_gateway.pepper import Pepper
-from phi_gateway.policy import PolicySet, load_policies
+from phi_gateway.policy import load_policies
+from phi_gateway.rules import PolicySet
 from phi_gateway.transform import Scope, decrypt_response, encrypt_request
 
 ROOT = Path(__file__).parents[1]

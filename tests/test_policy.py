@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from phi_gateway.exceptions import PolicyError
-from phi_gateway.policy import ContextEntry, PolicySet, Route, load_policies
+from phi_gateway.policy import load_policies
 from phi_gateway.policy_file import Problem, policy_schema
+from phi_gateway.rules import ContextEntry, PolicySet, Route
 
 ROOT = Path(__file__).parents[1]
 POLICIES = ROOT / "policies"

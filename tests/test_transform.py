@@ -16,7 +16,8 @@ from phi_gateway.cache import DataKeyCache
 from phi_gateway.exceptions import DocumentError, InvalidToken, KeyUnavailable
 from phi_gateway.keys import KeyProvider
 from phi_gateway.pepper import Pepper
-from phi_gateway.policy import PolicySet, load_policies
+from phi_gateway.policy import load_policies
+from phi_gateway.rules import PolicySet
 from phi_gateway.transform import Scope, decrypt_response, encrypt_request, rewrite_query
 
 POLICY = """
