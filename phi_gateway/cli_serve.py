@@ -17,6 +17,7 @@ import click
 import orjson
 import uvicorn
 
+from phi_gateway.audit_chain import create_chain_key_file
 from phi_gateway.config import GatewayConfig, load_config
 from phi_gateway.exceptions import PHIGatewayError
 from phi_gateway.gateway import Gateway
@@ -127,6 +128,9 @@ async def _run_demo(port: int, upstream_port: int, workdir: Path, wait: bool) ->
         create_keyring(keyring)
     if not pepper.exists():
         create_pepper_file(pepper)
+    chain_key, audit_file = workdir / "audit-chain.key", workdir / "audit.jsonl"
+    if not chain_key.exists():
+        create_chain_key_file(chain_key)
     upstream_url = f"http://127.0.0.1:{upstream_port}"
     config = GatewayConfig(
         principal_header="X-User",  # the demo trusts these headers; production uses a JWT or a real proxy
@@ -138,6 +142,9 @@ async def _run_demo(port: int, upstream_port: int, workdir: Path, wait: bool) ->
         keyring=str(keyring),
         pepper=str(pepper),
         port=port,
+        audit_sink="file",
+        audit_file=str(audit_file),
+        audit_chain_key_file=str(chain_key),
     )
     quiet = {**SERVER_OPTIONS, "log_level": "warning"}
     servers = [
@@ -173,7 +180,9 @@ Try it yourself (the demo trusts X-User / X-Roles headers as if set by a login p
   curl -s {gateway}/patients/p-2                                             # 401: who is asking?
   curl -s {upstream_url}/patients/p-2                    # what the legacy API holds: tokens
   curl -s '{gateway}/patients?ssn=078051120' -H 'X-User: dr-a' -H 'X-Roles: clinician'  # blind index
-Keys and data in {workdir}. Ctrl-C stops everything.""")
+Every request above is in the hash-chained audit trail; check it with
+  phi-gateway audit verify {audit_file} --chain-key-file {chain_key}
+Keys, data and audit trail in {workdir}. Ctrl-C stops everything.""")
     if not wait:
         stop()
     await asyncio.gather(*tasks)
