@@ -3,7 +3,6 @@ line's hash and an HMAC over both, so ``verify_chain`` finds the first record th
 modified, deleted, inserted or reordered. Format and guarantees: ``docs/audit.md``."""
 
 import asyncio
-import base64
 import binascii
 import fcntl
 import hashlib
@@ -20,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from phi_gateway import b64url
 from phi_gateway.exceptions import AuditError
 from phi_gateway.secretfile import create_private_file, read_private_file
 
@@ -253,7 +253,7 @@ def _fsync_dir(path: str) -> None:
 
 def create_chain_key_file(path: str | os.PathLike[str]) -> None:
     """A new random 32-byte chain key as base64url text, mode 0600; never overwrites."""
-    text = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=") + b"\n"
+    text = b64url.encode(secrets.token_bytes(32)).encode("ascii") + b"\n"
     try:
         create_private_file(path, text, "audit chain key file")
     except OSError as exc:
@@ -270,7 +270,7 @@ def load_chain_key(path: str | os.PathLike[str]) -> bytes:
     try:
         if not re.fullmatch(rb"[A-Za-z0-9_-]+={0,2}", text):
             raise ValueError
-        key = base64.urlsafe_b64decode(text.rstrip(b"=") + b"=" * (-len(text.rstrip(b"=")) % 4))
+        key = b64url.decode(text)
     except (ValueError, binascii.Error):
         raise AuditError(f"audit chain key file {name} is not base64url text") from None
     if len(key) < MIN_KEY_BYTES:

@@ -13,7 +13,6 @@ This module is synchronous, pure and does no I/O.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import math
 import os
@@ -23,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from phi_gateway import b64url
 from phi_gateway.aead import IV_BYTES, TAG_BYTES
 from phi_gateway.context import Context, encode_context
 from phi_gateway.exceptions import InvalidToken, ValueNotEncryptable
@@ -72,7 +72,7 @@ class Token:
         return key_header(self.key_ref, self.wrapped_key) + self.iv + self.sealed
 
     def serialize(self) -> str:
-        return PREFIX + _b64encode(self.to_bytes())
+        return PREFIX + b64url.encode(self.to_bytes())
 
 
 def key_header(key_ref: str, wrapped_key: bytes) -> bytes:
@@ -85,19 +85,15 @@ def key_header(key_ref: str, wrapped_key: bytes) -> bytes:
     return _SUITE + bytes((len(ref),)) + ref + len(wrapped_key).to_bytes(2, "big") + wrapped_key
 
 
-def _b64encode(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
 def _b64decode(text: str) -> bytes:
     """Strict base64url without padding: one canonical text per byte string."""
     if not _BASE64URL.fullmatch(text) or len(text) % 4 == 1:
         raise InvalidToken()
     try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        raw = b64url.decode(text)
     except (binascii.Error, ValueError):
         raise InvalidToken() from None
-    if _b64encode(raw) != text:  # non-zero padding bits: another spelling of the same bytes
+    if b64url.encode(raw) != text:  # non-zero padding bits: another spelling of the same bytes
         raise InvalidToken()
     return raw
 
@@ -182,7 +178,7 @@ def seal(key: DataKey, header: bytes, plaintext: bytes, aad: bytes, iv: bytes) -
 
     ``header`` is ``key_header(key.key_ref, key.wrapped)``, computed once per data key.
     """
-    return PREFIX + _b64encode(header + iv + key.aead.seal(iv, plaintext, aad))
+    return PREFIX + b64url.encode(header + iv + key.aead.seal(iv, plaintext, aad))
 
 
 def _encrypt_from_parts(key: DataKey, value: Any, context: Context, field: str, iv: bytes) -> str:

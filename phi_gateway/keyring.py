@@ -7,12 +7,12 @@ uses ``kms.KmsKeyProvider``. The format is in ``docs/keyring.md``.
 
 from __future__ import annotations
 
-import base64
 import os
 import secrets
 
 import orjson
 
+from phi_gateway import b64url
 from phi_gateway.aead import IV_BYTES, KEY_BYTES, Aead
 from phi_gateway.context import Context, encode_context
 from phi_gateway.exceptions import InvalidToken, KeyringError, UnknownMasterKey
@@ -23,14 +23,6 @@ FORMAT = "phi-gateway/local-keyring"
 WARNING = "Development keyring: master keys are stored here in the clear. Not for production."
 _WRAP_VERSION = b"\x01"
 _WRAP_LABEL = b"phi-gateway/keyring/wrap/v1"
-
-
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def new_master_key_id() -> str:
@@ -48,7 +40,7 @@ def create_keyring(path: str | os.PathLike[str]) -> str:
         "version": 1,
         "warning": WARNING,
         "current": key_id,
-        "master_keys": {key_id: _b64(secrets.token_bytes(KEY_BYTES))},
+        "master_keys": {key_id: b64url.encode(secrets.token_bytes(KEY_BYTES))},
     }
     try:
         create_private_file(path, orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n", "keyring")
@@ -82,7 +74,7 @@ class LocalKeyring:
             doc = orjson.loads(raw)
             if doc.get("format") != FORMAT or doc.get("version") != 1:
                 raise ValueError
-            keys = {str(k): _unb64(v) for k, v in doc["master_keys"].items()}
+            keys = {str(k): b64url.decode(v) for k, v in doc["master_keys"].items()}
             current = str(doc["current"])
             if any(not k.startswith("local:") or len(v) != KEY_BYTES for k, v in keys.items()):
                 raise ValueError

@@ -8,7 +8,6 @@ Format: ``docs/pepper.md``.
 
 from __future__ import annotations
 
-import base64
 import os
 import secrets
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ import orjson
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from phi_gateway import b64url
 from phi_gateway.aws import AwsSettings, calling
 from phi_gateway.context import Pseudonymizer
 from phi_gateway.exceptions import PepperError
@@ -26,14 +26,6 @@ from phi_gateway.secretfile import create_private_file, read_private_file
 FORMAT = "phi-gateway/pepper"
 MIN_BYTES = 32
 _SALT = b"phi-gateway/pepper/v1"
-
-
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 class Pepper:
@@ -80,7 +72,7 @@ class Pepper:
             doc = orjson.loads(raw)
             if doc.get("format") != FORMAT:
                 raise ValueError
-            versions = {int(k): _unb64(v) for k, v in doc["peppers"].items()}
+            versions = {int(k): b64url.decode(v) for k, v in doc["peppers"].items()}
             current = int(doc["current"])
         except (ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError):
             versions = {}  # raised below, outside this block: the parser's error holds the text
@@ -118,7 +110,7 @@ def new_pepper_document(version: int = 1) -> bytes:
     doc = {
         "format": FORMAT,
         "current": str(version),
-        "peppers": {str(version): _b64(secrets.token_bytes(32))},
+        "peppers": {str(version): b64url.encode(secrets.token_bytes(32))},
     }
     return orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
 
