@@ -139,7 +139,6 @@ class Exchange:
 
     async def prepare_request(self) -> Receive:
         headers = Headers(scope=self.scope)
-        lowered = {k.lower(): v for k, v in headers.items()}
         if self.route.query:
             query = self.scope.get("query_string", b"").decode("latin-1")
             rewritten, counts = rewrite_query(query, self.route.query, self.mw.pepper)
@@ -166,7 +165,7 @@ class Exchange:
         report = await encrypt_request(
             doc,
             self.route.request,
-            DocScope(self.params, lowered),
+            DocScope(self.params, self.headers),
             keys=self.mw.keys,
             pepper=self.mw.pepper,
             master_key=self.route.key,

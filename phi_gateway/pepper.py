@@ -31,7 +31,7 @@ _SALT = b"phi-gateway/pepper/v1"
 class Pepper:
     """A set of pepper versions; ``current`` makes new indexes, all may be searched."""
 
-    __slots__ = ("_derived", "_secrets", "current")
+    __slots__ = ("_derived", "_pseudonymizers", "_secrets", "current")
 
     def __init__(self, versions: Mapping[int, bytes], current: int) -> None:
         if current not in versions:
@@ -40,6 +40,7 @@ class Pepper:
             raise PepperError(f"every pepper version must be at least {MIN_BYTES} bytes")
         self._secrets = dict(versions)
         self._derived: dict[tuple[str, int], bytes] = {}
+        self._pseudonymizers: dict[str, Pseudonymizer] = {}  # one per policy: asked for per record
         self.current = current
 
     def __repr__(self) -> str:
@@ -64,7 +65,12 @@ class Pepper:
 
     def pseudonymizer(self, policy: str) -> Pseudonymizer:
         """Pseudonyms for KMS context values; always the current version's (see docs/policy.md)."""
-        return Pseudonymizer(self.derive(f"context-pseudonym/{policy}"))
+        pseudonymizer = self._pseudonymizers.get(policy)
+        if pseudonymizer is None:
+            pseudonymizer = self._pseudonymizers[policy] = Pseudonymizer(
+                self.derive(f"context-pseudonym/{policy}")
+            )
+        return pseudonymizer
 
     @classmethod
     def from_json(cls, raw: bytes | str, source: str) -> Pepper:

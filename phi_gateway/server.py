@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 
-import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-_BODY = orjson.dumps(
-    {"error": {"code": "request_timeout", "message": "the request head did not arrive in time"}}
-)
+from phi_gateway.exceptions import HTTPError
+from phi_gateway.httperrors import error_body
+
+_BODY = error_body(HTTPError(408, "request_timeout", "the request head did not arrive in time"))
 _RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
     + b"content-length: "
