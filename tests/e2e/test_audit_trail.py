@@ -163,6 +163,11 @@ def test_a_sink_that_cannot_write_blocks_phi_and_loses_nothing(secrets_dir: Path
     )
     with ThreadServer(app) as server, httpx.Client(base_url=server.url, headers=AUTH, timeout=20) as client:
         assert client.put("/patients/f-0", json=PATIENT).status_code == 200
+        # f-0's event must be on disk before the sink breaks: with it still queued, the 8 events
+        # below would reach the refusal limit (2 * max_queue) and the last refusal be dropped.
+        deadline = time.monotonic() + 10
+        while emitter.stats.written < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         sink.broken = True
         statuses = [client.put(f"/patients/f-{n}", json=PATIENT).status_code for n in range(1, 8)]
         # The first requests are admitted while the failure is not yet known; once the sink
