@@ -40,7 +40,7 @@ class Pepper:
             raise PepperError(f"every pepper version must be at least {MIN_BYTES} bytes")
         self._secrets = dict(versions)
         self._derived: dict[tuple[str, int], bytes] = {}
-        self._pseudonymizers: dict[str, Pseudonymizer] = {}  # one per policy: asked for per record
+        self._pseudonymizers: dict[tuple[str, int], Pseudonymizer] = {}  # asked for per record
         self.current = current
 
     def __repr__(self) -> str:
@@ -63,12 +63,14 @@ class Pepper:
             derived = self._derived[(purpose, version)] = hkdf.derive(secret)
         return derived
 
-    def pseudonymizer(self, policy: str) -> Pseudonymizer:
-        """Pseudonyms for KMS context values; always the current version's (see docs/policy.md)."""
-        pseudonymizer = self._pseudonymizers.get(policy)
+    def pseudonymizer(self, policy: str, version: int | None = None) -> Pseudonymizer:
+        """Pseudonyms for KMS context values under a pepper version (default: current, which
+        new data keys use; older versions open data keys wrapped before a rotation)."""
+        version = self.current if version is None else version
+        pseudonymizer = self._pseudonymizers.get((policy, version))
         if pseudonymizer is None:
-            pseudonymizer = self._pseudonymizers[policy] = Pseudonymizer(
-                self.derive(f"context-pseudonym/{policy}")
+            pseudonymizer = self._pseudonymizers[(policy, version)] = Pseudonymizer(
+                self.derive(f"context-pseudonym/{policy}", version)
             )
         return pseudonymizer
 

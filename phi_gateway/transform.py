@@ -76,6 +76,22 @@ def _records(doc: Any, path: JsonPath) -> list[dict[str, Any]]:
 
 
 def _context(spec: ContextSpec, record: Mapping[str, Any], scope: Scope, pepper: Pepper | None) -> _Record:
+    exact = _exact_context(spec, record, scope)
+    kms = kms_context(spec, exact, pepper)
+    # The audit trail shows request-derived values as pseudonyms unless the policy says
+    # kms: plain, whatever reaches KMS (per_policy and omit entries never do).
+    audit = {}
+    for entry in spec.entries:
+        if entry.source == "literal" or entry.kms == "plain" or pepper is None:
+            audit[entry.name] = exact[entry.name]
+        else:
+            audit[entry.name] = kms.get(entry.name) or pepper.pseudonymizer(spec.policy).pseudonym(
+                entry.name, exact[entry.name]
+            )
+    return _Record(exact, kms, encode_context(exact), audit)
+
+
+def _exact_context(spec: ContextSpec, record: Mapping[str, Any], scope: Scope) -> dict[str, str]:
     exact = {POLICY_CONTEXT_KEY: spec.policy}
     for entry in spec.entries:
         value: Any
@@ -96,25 +112,25 @@ def _context(spec: ContextSpec, record: Mapping[str, Any], scope: Scope, pepper:
                 "context_missing", f"encryption context entry {entry.name!r} has no single value"
             )
         exact[entry.name] = value
+    return exact
+
+
+def kms_context(
+    spec: ContextSpec, exact: Mapping[str, str], pepper: Pepper | None, version: int | None = None
+) -> dict[str, str]:
+    """The context KMS sees for a record's exact context; pseudonyms are made under pepper
+    ``version`` (default: current, as new data keys are)."""
     kms = {POLICY_CONTEXT_KEY: spec.policy}
     for entry in spec.kms_entries:
         if entry.kms == "pseudonymize":
             if pepper is None:
                 raise DocumentError("configuration", "pseudonymized context needs a pepper")
-            kms[entry.name] = pepper.pseudonymizer(spec.policy).pseudonym(entry.name, exact[entry.name])
-        else:
-            kms[entry.name] = exact[entry.name]
-    # The audit trail shows request-derived values as pseudonyms unless the policy says
-    # kms: plain, whatever reaches KMS (per_policy and omit entries never do).
-    audit = {}
-    for entry in spec.entries:
-        if entry.source == "literal" or entry.kms == "plain" or pepper is None:
-            audit[entry.name] = exact[entry.name]
-        else:
-            audit[entry.name] = kms.get(entry.name) or pepper.pseudonymizer(spec.policy).pseudonym(
+            kms[entry.name] = pepper.pseudonymizer(spec.policy, version).pseudonym(
                 entry.name, exact[entry.name]
             )
-    return _Record(exact, kms, encode_context(exact), audit)
+        else:
+            kms[entry.name] = exact[entry.name]
+    return kms
 
 
 def _single(path: JsonPath, record: Any) -> Any:
