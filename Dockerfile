@@ -20,10 +20,12 @@ ENV PATH=/opt/phi-gateway/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PHI_GATEWAY_HOST=0.0.0.0 \
     PHI_GATEWAY_PORT=8080 \
+    PHI_GATEWAY_ADMIN_HOST=0.0.0.0 \
+    PHI_GATEWAY_ADMIN_PORT=9090 \
     PHI_GATEWAY_POLICIES=/etc/phi-gateway/policies
 USER 10001:10001
-EXPOSE 8080
-# Until the admin port with /healthz lands: the process answers HTTP on its port.
+# 8080: the gateway; 9090: /healthz, /readyz, /metrics (keep it off the public network).
+EXPOSE 8080 9090
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import socket; socket.create_connection(('127.0.0.1', 8080), 2).close()"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/healthz', timeout=2)"]
 ENTRYPOINT ["phi-gateway", "serve"]

@@ -9,15 +9,19 @@ its retries. We do not stack a second retry loop on top.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from phi_gateway.exceptions import InvalidToken, KeyAccessDenied, KeyAccessError, KeyThrottled, KeyUnavailable
+
+# Told of every operation: (service, operation, outcome, seconds). For metrics.
+AwsObserver = Callable[[str, str, str, float], None]
 
 _THROTTLED = {"ThrottlingException"}
 _DENIED = {
@@ -44,6 +48,7 @@ class AwsSettings:
     read_timeout: float = 5.0
     max_attempts: int = 4  # in all, the first try included
     deadline: float = 10.0  # for one operation, its retries and backoff included
+    observer: AwsObserver | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not (self.connect_timeout > 0 and self.read_timeout > 0 and self.deadline > 0):
@@ -89,8 +94,26 @@ def translate(exc: BaseException, service: str, operation: str) -> Exception:
 @asynccontextmanager
 async def calling(service: str, operation: str, settings: AwsSettings) -> AsyncIterator[None]:
     """Run one AWS operation under the deadline, translating its errors (chains dropped)."""
+    started, outcome = time.perf_counter(), "error"
     try:
         async with asyncio.timeout(settings.deadline):
             yield
+        outcome = "ok"
     except (ClientError, BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
-        raise translate(exc, service, operation) from None
+        mapped = translate(exc, service, operation)
+        outcome = _OUTCOMES.get(type(mapped), "error")
+        raise mapped from None
+    except asyncio.CancelledError:
+        outcome = "cancelled"  # e.g. a readiness probe's own, shorter, deadline
+        raise
+    finally:
+        if settings.observer is not None:
+            settings.observer(service, operation, outcome, time.perf_counter() - started)
+
+
+_OUTCOMES: dict[type[Exception], str] = {
+    KeyThrottled: "throttled",
+    KeyAccessDenied: "denied",
+    InvalidToken: "invalid",
+    KeyUnavailable: "unavailable",
+}

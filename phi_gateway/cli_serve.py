@@ -22,6 +22,7 @@ from phi_gateway.config import GatewayConfig, load_config
 from phi_gateway.exceptions import PHIGatewayError
 from phi_gateway.gateway import Gateway
 from phi_gateway.keyring import create_keyring
+from phi_gateway.logs import log_config
 from phi_gateway.pepper import create_pepper_file
 from phi_gateway.server import HeaderDeadlineProtocol
 
@@ -60,6 +61,7 @@ def _fail(message: str) -> None:
 @click.option("--host", help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", type=int, help="Port to listen on (default 8080).")
 @click.option("--workers", type=int, help="Worker processes (default 1).")
+@click.option("--admin-port", type=int, help="Port of /healthz, /readyz and /metrics (default 9090; 0: none).")
 @click.option("--keyring", type=click.Path(dir_okay=False), help="Local development keyring.")
 @click.option("--kms-key-id", "kms_key_ids", multiple=True, help="KMS key(s); the first is current.")
 @click.option("--pepper", type=click.Path(dir_okay=False), help="Pepper file for blind indexes.")
@@ -79,7 +81,11 @@ def serve(config_path: str | None, **flags: Any) -> None:
         host=config.host,
         port=config.port,
         workers=config.workers,
-        **SERVER_OPTIONS,
+        **{
+            **SERVER_OPTIONS,
+            "log_config": log_config(config.log_format, config.log_level),
+            "log_level": config.log_level,
+        },
     )
 
 
@@ -120,7 +126,7 @@ async def _showcase(gateway: str, db: Path) -> None:
         click.echo(f"\n4. The same record for a nurse: ssn={nurse['ssn']!r}, notes {shown} (reveal rules)")
 
 
-async def _run_demo(port: int, upstream_port: int, workdir: Path, wait: bool) -> None:
+async def _run_demo(port: int, upstream_port: int, admin_port: int, workdir: Path, wait: bool) -> None:
     from phi_gateway.demo_upstream import create_upstream  # only the demo needs it
 
     keyring, pepper, db = workdir / "keyring.json", workdir / "pepper.json", workdir / "patients.sqlite"
@@ -142,6 +148,7 @@ async def _run_demo(port: int, upstream_port: int, workdir: Path, wait: bool) ->
         keyring=str(keyring),
         pepper=str(pepper),
         port=port,
+        admin_port=admin_port,
         audit_sink="file",
         audit_file=str(audit_file),
         audit_chain_key_file=str(chain_key),
@@ -182,6 +189,7 @@ Try it yourself (the demo trusts X-User / X-Roles headers as if set by a login p
   curl -s '{gateway}/patients?ssn=078051120' -H 'X-User: dr-a' -H 'X-Roles: clinician'  # blind index
 Every request above is in the hash-chained audit trail; check it with
   phi-gateway audit verify {audit_file} --chain-key-file {chain_key}
+Health, readiness and Prometheus metrics: curl -s http://127.0.0.1:{admin_port}/metrics | grep ^phi_gateway
 Keys, data and audit trail in {workdir}. Ctrl-C stops everything.""")
     if not wait:
         stop()
@@ -191,14 +199,15 @@ Keys, data and audit trail in {workdir}. Ctrl-C stops everything.""")
 @click.command()
 @click.option("--port", default=8080, show_default=True, help="Gateway port.")
 @click.option("--upstream-port", default=8081, show_default=True, help="Demo API port.")
+@click.option("--admin-port", default=9090, show_default=True, help="Gateway's /healthz, /readyz, /metrics.")
 @click.option(
     "--dir", "workdir", type=click.Path(file_okay=False), help="Keep keys and data here (default: temp)."
 )
 @click.option("--wait/--no-wait", default=True, help="Keep serving after the walk-through (default) or stop.")
-def demo(port: int, upstream_port: int, workdir: str | None, wait: bool) -> None:
+def demo(port: int, upstream_port: int, admin_port: int, workdir: str | None, wait: bool) -> None:
     """Start a demo patients API with the gateway in front of it, and walk through it."""
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="phi-gateway-demo-"))
         Path(workdir).mkdir(parents=True, exist_ok=True)
-        asyncio.run(_run_demo(port, upstream_port, Path(workdir), wait))
+        asyncio.run(_run_demo(port, upstream_port, admin_port, Path(workdir), wait))

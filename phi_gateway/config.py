@@ -69,6 +69,12 @@ class GatewayConfig:
     upstream_read_timeout: float = 30.0
     upstream_max_connections: int = 100
     preserve_host: bool = False
+    # operations: the admin port (/healthz, /readyz, /metrics), logs, policy hot reload
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 9090  # 0: no admin server
+    log_format: str = "json"  # or "text"
+    log_level: str = "info"
+    policy_reload_interval: float = 5.0  # seconds between looks at the policy files; 0: SIGHUP only
 
     def check(self) -> GatewayConfig:
         if not self.upstream:
@@ -89,6 +95,20 @@ class GatewayConfig:
             )
         if self.audit_on_failure not in ("block", "drop"):
             raise ConfigError("audit_on_failure must be block or drop")
+        if not 0 <= self.admin_port <= 65535:
+            raise ConfigError("admin_port must be a port number, or 0 for none")
+        if self.admin_port and self.workers > 1:
+            # Each worker would bind the port, and each has its own metrics and readiness.
+            raise ConfigError(
+                "the admin port needs workers: 1 (run one worker per container and scale with "
+                "replicas), or admin_port: 0"
+            )
+        if self.log_format not in ("json", "text"):
+            raise ConfigError("log_format must be json or text")
+        if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
+            raise ConfigError("log_level must be critical, error, warning, info or debug")
+        if self.policy_reload_interval < 0:
+            raise ConfigError("policy_reload_interval cannot be negative")
         return self
 
     def to_env(self) -> dict[str, str]:

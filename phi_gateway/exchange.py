@@ -22,6 +22,7 @@ from phi_gateway.exceptions import HTTPError
 from phi_gateway.httperrors import http_error, send_error
 from phi_gateway.identity import Principal
 from phi_gateway.jsonvalue import loads_strict
+from phi_gateway.logs import request_id as logged_request_id
 from phi_gateway.rules import ResponseRule, RouteMatch
 from phi_gateway.transform import Report, decrypt_response, encrypt_request, rewrite_query
 from phi_gateway.transform import Scope as DocScope
@@ -68,6 +69,8 @@ class Exchange:
         self.response_size = 0
         self.headers = {k.lower(): v for k, v in Headers(scope=scope).items()}
         self.started_at = time.monotonic()
+        self.forwarded_at: float | None = None  # when the request went to the app/upstream
+        self.upstream_seconds: float | None = None  # until its response head came back
         self.client_status: int | None = None
         self.upstream_status: int | None = None
         self.error_code: str | None = None
@@ -87,6 +90,7 @@ class Exchange:
         return None if self.principal.break_glass else self.principal.roles
 
     async def run(self) -> None:
+        logged = logged_request_id.set(self.request_id)
         try:
             with counting_requests() as self.cache_counts:
                 await self.exchange()
@@ -96,6 +100,7 @@ class Exchange:
             raise
         finally:
             self.record()
+            logged_request_id.reset(logged)
 
     async def exchange(self) -> None:
         try:
@@ -120,6 +125,7 @@ class Exchange:
             await self.fail(exc, upstream_side=False)
             return
         send = self.send_decrypted if self.route.response is not None else self.send_through
+        self.forwarded_at = time.monotonic()
         try:
             await self.mw.app(self.scope, receive, send)
         except Exception as exc:
@@ -177,12 +183,17 @@ class Exchange:
         self.scope["headers"] = raw_headers
         return _OneBody(forwarded, self.receive)
 
+    def _upstream_answered(self, status: int) -> None:
+        self.upstream_status = status
+        if self.forwarded_at is not None:
+            self.upstream_seconds = time.monotonic() - self.forwarded_at
+
     async def send_through(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             message = {**message, "headers": self._tagged(message["headers"])}
             self.client_status = message["status"]
             if self.upstream_status is None:
-                self.upstream_status = message["status"]
+                self._upstream_answered(message["status"])
         self.client_started = True
         await self.send(message)
 
@@ -195,7 +206,8 @@ class Exchange:
         rule = self.route.response
         assert rule is not None
         if message["type"] == "http.response.start":
-            status = self.upstream_status = message["status"]
+            status = message["status"]
+            self._upstream_answered(status)
             if rule.applies_to(status) and status not in _NO_BODY_STATUS and not self.head:
                 # Buffered whatever its type: a body the rule covers that is not JSON cannot
                 # be checked for plaintext, so it is refused rather than relayed.
@@ -270,8 +282,17 @@ class Exchange:
         return "upstream_error" if self.upstream_status is not None and self.upstream_status >= 500 else "ok"
 
     def record(self) -> None:
-        """The audit event of this request: who, which records, which fields, what happened.
-        Paths, counts, ids and codes only: never a value, token, key or body."""
+        """The metrics and audit event of this request: who, which records, which fields, what
+        happened. Paths, counts, ids and codes only: never a value, token, key or body."""
+        latency = time.monotonic() - self.started_at
+        metrics = self.mw.metrics
+        if metrics is not None:
+            route = self.route.template.text
+            metrics.request(route, self.scope["method"], self.client_status, latency)
+            if self.upstream_seconds is not None:
+                metrics.upstream(route, self.upstream_seconds)
+            for _, report in self.reports:
+                metrics.report(self.route.policy, report)
         audit = self.mw.audit
         if audit is None:
             return
@@ -291,7 +312,7 @@ class Exchange:
             "status": self.client_status,
             "error": self.error_code,
             "upstream_status": self.upstream_status,
-            "latency_ms": round((time.monotonic() - self.started_at) * 1000, 1),
+            "latency_ms": round(latency * 1000, 1),
             "key_cache": {"hits": self.cache_counts["hits"], "misses": self.cache_counts["misses"]},
         }
         if principal and principal.break_glass:

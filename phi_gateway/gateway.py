@@ -1,5 +1,6 @@
 """The gateway process: ``PHIMiddleware(ProxyApp(upstream))`` built from a ``GatewayConfig``,
-with the key provider, pepper and upstream pool started and stopped by the ASGI lifespan."""
+with the key provider, pepper, upstream pool, policy reloader and admin port started and
+stopped by the ASGI lifespan."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from phi_gateway.admin import AdminServer, Readiness, admin_app
 from phi_gateway.audit import AuditEmitter, AuditSink, StdoutSink
 from phi_gateway.audit_chain import ChainedFileSink, load_chain_key
 from phi_gateway.audit_cloudwatch import CloudWatchSink, caller_identity
@@ -22,9 +24,10 @@ from phi_gateway.identity import Identity, IdentitySettings
 from phi_gateway.keyring import LocalKeyring
 from phi_gateway.keys import KeyProvider
 from phi_gateway.kms import KmsKeyProvider
+from phi_gateway.metrics import Metrics
 from phi_gateway.middleware import PHIMiddleware
 from phi_gateway.pepper import Pepper
-from phi_gateway.policy import load_policies
+from phi_gateway.policy_reload import PolicyReloader
 from phi_gateway.proxy import ProxyApp, UpstreamSettings
 from phi_gateway.server import HeaderDeadlineProtocol
 
@@ -39,8 +42,15 @@ class Gateway:
         in a process that will not serve (the sink locks its file)."""
         config.check()
         self.config = config
+        self.metrics = Metrics()
         self.aws = AwsSettings(
-            region=config.aws_region, endpoint_url=config.aws_endpoint_url, use_fips_endpoint=config.aws_fips
+            region=config.aws_region,
+            endpoint_url=config.aws_endpoint_url,
+            use_fips_endpoint=config.aws_fips,
+            observer=self.metrics.aws_call,
+        )
+        self.policies = PolicyReloader(
+            config.policies, interval=config.policy_reload_interval, metrics=self.metrics
         )
         provider: KeyProvider = (
             LocalKeyring.load(config.keyring)
@@ -58,7 +68,7 @@ class Gateway:
         )
         self.middleware = PHIMiddleware(
             self.proxy,
-            policies=load_policies(config.policies),
+            policies=self.policies.policies,
             keys=DataKeyCache(
                 provider, ttl=config.cache_ttl, max_uses=config.cache_max_uses, capacity=config.cache_capacity
             ),
@@ -87,6 +97,19 @@ class Gateway:
             ),
         )
         self.middleware.audit = _audit(config, self.aws) if open_audit else None
+        self.middleware.metrics = self.metrics
+        self.metrics.watch(self.middleware.keys, self.middleware.audit)
+        self.readiness = Readiness(
+            policies=self.policies.policies,
+            keys=self.middleware.keys,
+            audit=lambda: self.middleware.audit,
+            metrics=self.metrics,
+        )
+        self.admin = (
+            AdminServer(admin_app(self.readiness, self.metrics), config.admin_host, config.admin_port)
+            if config.admin_port
+            else None
+        )
         if not self.middleware.identity.configured:
             log.warning("no caller identity configured: routes that require a principal answer 401")
 
@@ -112,6 +135,13 @@ class Gateway:
                 uses_aws = self.config.kms_key_ids or self.config.pepper_secret_id
                 if uses_aws or self.config.audit_sink == "cloudwatch":
                     await self._learn_identity()
+                self.policies.start()
+                if self.admin is not None:
+                    await self.admin.start()
+            elif message["type"] == "lifespan.shutdown":
+                if self.admin is not None:
+                    await self.admin.stop()
+                await self.policies.stop()
             return message
 
         await self.middleware(scope, startup_first, send)

@@ -96,6 +96,12 @@ class KmsKeyProvider:
             stack, self._stack, self._client = self._stack, None, None
             await stack.aclose()
 
+    async def check(self) -> None:
+        """Readiness: KMS answers DescribeKey for the current master key (raises otherwise)."""
+        await self._ready()
+        async with self._calling("DescribeKey"):
+            await self._client.describe_key(KeyId=self.master_key_arns[0])
+
     @property
     def default_master_key(self) -> str:
         return self._configured[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,6 +25,7 @@ from phi_gateway.exceptions import HTTPError
 from phi_gateway.exchange import Exchange
 from phi_gateway.httperrors import send_error
 from phi_gateway.identity import Identity
+from phi_gateway.metrics import REFUSED, UNMATCHED, Metrics
 from phi_gateway.pepper import Pepper
 from phi_gateway.rules import PolicySet
 
@@ -70,9 +72,11 @@ class PHIMiddleware:
         identity: Identity | None = None,
         audit: AuditEmitter | None = None,
         gateway_identity: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.app = app
         self.audit = audit
+        self.metrics = metrics
         self.gateway_identity = gateway_identity  # this gateway's own AWS identity, for audit events
         self.identity = identity or Identity()
         # A callable lets the gateway swap policy sets atomically (hot reload): each
@@ -89,26 +93,33 @@ class PHIMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        head = scope["method"] == "HEAD"
         path = _route_path(scope)
         if path is None:
-            await send_error(send, _AMBIGUOUS_PATH, head=head)
+            await self._refuse(scope, send, _AMBIGUOUS_PATH)
             return
         policies = self._policies()
         found = policies.match(scope["method"], path)
         if found is None:
             if policies.claims(path):  # a policy path with a method no route names: never pass it
-                await send_error(
-                    send, HTTPError(405, "method_not_allowed", "no policy route has this method"), head=head
+                await self._refuse(
+                    scope, send, HTTPError(405, "method_not_allowed", "no policy route has this method")
                 )
             elif policies.unmatched == "deny":
-                await send_error(
-                    send, HTTPError(403, "route_not_allowed", "no policy allows this route"), head=head
+                await self._refuse(
+                    scope, send, HTTPError(403, "route_not_allowed", "no policy allows this route")
                 )
-            else:
+            elif self.metrics is None:
                 await self.app(scope, receive, send)
+            else:
+                await _Observed(self.metrics, scope["method"]).pass_through(self.app, scope, receive, send)
             return
         await Exchange(self, found, scope, receive, send).run()
+
+    async def _refuse(self, scope: Scope, send: Send, error: HTTPError) -> None:
+        started = time.perf_counter()
+        await send_error(send, error, head=scope["method"] == "HEAD")
+        if self.metrics is not None:
+            self.metrics.request(REFUSED, scope["method"], error.status, time.perf_counter() - started)
 
     async def startup(self) -> None:
         """Start the audit trail; reach the key service early (a failure there is logged,
@@ -132,6 +143,27 @@ class PHIMiddleware:
         close = getattr(self.keys.provider, "close", None)
         if close is not None:
             await close()
+
+
+class _Observed:
+    """Status and timings of a request passed through untouched, for metrics."""
+
+    def __init__(self, metrics: Metrics, method: str) -> None:
+        self.metrics, self.method = metrics, method
+        self.started = time.perf_counter()
+        self.status: int | None = None
+
+    async def pass_through(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        async def observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.status = message["status"]
+                self.metrics.upstream(UNMATCHED, time.perf_counter() - self.started)
+            await send(message)
+
+        try:
+            await app(scope, receive, observed)
+        finally:
+            self.metrics.request(UNMATCHED, self.method, self.status, time.perf_counter() - self.started)
 
 
 class _LifespanReceive:

@@ -266,7 +266,8 @@ class _Compiler:
                 seen.add(path.canonical)
 
 
-def _policy_files(paths: Iterable[str | Path]) -> list[Path]:
+def policy_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The files ``load_policies`` reads: files as given, and a directory's policy files."""
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -309,7 +310,7 @@ def load_policies(paths: Iterable[str | Path]) -> PolicySet:
     names: dict[str, str] = {}
     unmatched: dict[str, str] = {}
     unmatched_at: list[Problem] = []
-    files = _policy_files(paths)
+    files = policy_files(paths)
     if not files:
         raise PolicyError([Problem("<policies>", 1, "no policy files found")])
     for file in files:

@@ -21,6 +21,8 @@ def test_demo_walks_through_and_stops(tmp_path: Path) -> None:
             str(free_port()),
             "--upstream-port",
             str(free_port()),
+            "--admin-port",
+            str(free_port()),
             "--dir",
             str(tmp_path),
         ],

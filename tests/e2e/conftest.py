@@ -140,6 +140,7 @@ class Deployment:
     kind: str
     store: Any = None  # the middleware's inner store; the proxy's upstream is reached over HTTP
     audit_file: Path | None = None
+    admin_url: str | None = None  # the proxy's /healthz, /readyz and /metrics
 
     def client(self, *, roles: str = "clinician", **options: Any) -> httpx.Client:
         """A client authenticated by the trusted-proxy headers, as a clinician by default."""
@@ -173,6 +174,7 @@ def proxy_config(upstream: str, secrets: Path, **overrides: Any) -> GatewayConfi
         "audit_sink": "file",
         "audit_chain_key_file": str(secrets / "chain.key"),
         "audit_file": str(secrets / f"audit-{next(_AUDIT_FILES)}.jsonl"),
+        "admin_port": free_port(),
     }
     return GatewayConfig(**{**settings, **overrides})
 
@@ -183,7 +185,12 @@ def proxy_deployment(upstream: Upstream, secrets: Path, **overrides: Any) -> Ite
     gateway = Gateway(config)
     with ThreadServer(gateway) as server:
         yield Deployment(
-            server.url, upstream, gateway.middleware.keys, "proxy", audit_file=Path(config.audit_file)
+            server.url,
+            upstream,
+            gateway.middleware.keys,
+            "proxy",
+            audit_file=Path(config.audit_file),
+            admin_url=f"http://127.0.0.1:{config.admin_port}",
         )
     if config.audit_sink == "file" and Path(config.audit_file).exists():
         assert_chain_verifies(Path(config.audit_file), secrets)

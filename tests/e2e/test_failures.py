@@ -192,6 +192,7 @@ def served(secrets_dir: Path, upstream_process: Upstream) -> Iterator[str]:
         "PHI_GATEWAY_PRINCIPAL_HEADER": "X-User",
         "PHI_GATEWAY_ROLES_HEADER": "X-Roles",
         "PHI_GATEWAY_TRUSTED_PROXIES": "127.0.0.1,::1",
+        "PHI_GATEWAY_ADMIN_PORT": "0",  # two workers: metrics are per process (one worker per container)
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "phi_gateway", "serve", "--port", str(port), "--workers", "2"],
