@@ -61,7 +61,7 @@ def _fail(message: str) -> None:
 @click.option("--host", help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", type=int, help="Port to listen on (default 8080).")
 @click.option("--workers", type=int, help="Worker processes (default 1).")
-@click.option("--admin-port", type=int, help="Port of /healthz, /readyz and /metrics (default 9090; 0: none).")
+@click.option("--admin-port", type=int, help="Port of /healthz, /readyz, /metrics (default 9090; 0: none).")
 @click.option("--keyring", type=click.Path(dir_okay=False), help="Local development keyring.")
 @click.option("--kms-key-id", "kms_key_ids", multiple=True, help="KMS key(s); the first is current.")
 @click.option("--pepper", type=click.Path(dir_okay=False), help="Pepper file for blind indexes.")
