@@ -169,6 +169,15 @@ class DataKeyCache:
         )
         return entry.key
 
+    def cached_decryption_key(self, key_ref: str, wrapped: bytes, context: Context) -> DataKey | None:
+        """The data key if it is cached under this KMS ``context``; never calls the provider."""
+        entry = self._live(self._decrypt, self._decrypt_slot(key_ref, wrapped, context))
+        if entry is None:
+            return None
+        self.stats.decrypt_hits += 1
+        _count("hits")
+        return entry.key
+
     def _reserve(self, entry: _Entry, uses: int, nbytes: int) -> bool:
         if entry.uses + uses > self.max_uses or entry.bytes + nbytes > self.max_bytes:
             return False

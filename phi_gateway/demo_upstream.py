@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -53,14 +54,27 @@ class PatientStore:
         row = self.db.execute(f"SELECT body FROM {self.table} WHERE id = ?", (patient_id,)).fetchone()  # noqa: S608
         return orjson.loads(row[0]) if row else None
 
-    def search(self, criteria: dict[str, str], limit: int) -> list[dict[str, Any]]:
-        criteria = {k: v for k, v in criteria.items() if k in self.indexes}
-        where = " AND ".join(f"{name} = ?" for name in criteria) or "1 = 1"
+    def search(self, criteria: Mapping[str, Any], limit: int) -> list[dict[str, Any]]:
+        """Records matching every index criterion; a criterion with several values (a repeated
+        query parameter, a JSON list: the gateway sends one per pepper version during a
+        rotation) matches any of them."""
+        where: list[str] = ["1 = 1"]
+        args: list[str] = []
+        for name in self.indexes:
+            if name in criteria:
+                values = criteria[name] if isinstance(criteria[name], list) else [criteria[name]]
+                where.append(f"{name} IN ({', '.join('?' * len(values))})" if values else "0 = 1")
+                args += [str(v) for v in values]
         rows = self.db.execute(
-            f"SELECT body FROM {self.table} WHERE {where} ORDER BY id LIMIT ?",  # noqa: S608
-            (*criteria.values(), limit),
+            f"SELECT body FROM {self.table} WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",  # noqa: S608
+            (*args, limit),
         ).fetchall()
         return [orjson.loads(row[0]) for row in rows]
+
+
+def _multi(request: Request) -> dict[str, list[str]]:
+    """Every value of every query parameter, repeated ones included."""
+    return {name: request.query_params.getlist(name) for name in request.query_params}
 
 
 def create_upstream(db_path: str = ":memory:", *, record: bool = False) -> Starlette:
@@ -105,9 +119,7 @@ def create_upstream(db_path: str = ":memory:", *, record: bool = False) -> Starl
 
     async def list_patients(request: Request) -> Response:
         await remember(request)
-        return JSONResponse(
-            store.search(dict(request.query_params), int(request.query_params.get("limit", "100")))
-        )
+        return JSONResponse(store.search(_multi(request), int(request.query_params.get("limit", "100"))))
 
     async def search_patients(request: Request) -> Response:
         query = orjson.loads(await remember(request))
@@ -134,7 +146,7 @@ def create_upstream(db_path: str = ":memory:", *, record: bool = False) -> Starl
 
     async def fhir_search(request: Request) -> Response:
         await remember(request)
-        found = fhir.search(dict(request.query_params), 100)
+        found = fhir.search(_multi(request), 100)
         bundle = {
             "resourceType": "Bundle",
             "type": "searchset",

@@ -338,6 +338,8 @@ class Exchange:
                 },
                 "key_refs": sorted(report.key_refs),
             }
+            if report.stale_pepper:  # keys wrapped before a pepper rotation: rewrap is due
+                event[side]["stale_pepper_keys"] = report.stale_pepper
         try:
             audit.emit(event, admitted=self.admitted)
         except Exception as exc:  # the request is over; losing its event must at least be loud

@@ -65,6 +65,12 @@ class Metrics:
             ["policy", "action"],
             registry=r,
         )
+        self.stale_pepper = Counter(
+            "phi_gateway_stale_pepper_keys",
+            "Data keys that opened only under an older pepper version's KMS context: rewrap is due.",
+            ["policy"],
+            registry=r,
+        )
         self.aws_calls = Counter(
             "phi_gateway_aws_calls",
             "AWS operations (KMS, Secrets Manager, CloudWatch Logs, STS) by outcome.",
@@ -105,6 +111,8 @@ class Metrics:
             count = sum(getattr(report, action).values())
             if count:
                 self.fields.labels(policy, action).inc(count)
+        if report.stale_pepper:
+            self.stale_pepper.labels(policy).inc(report.stale_pepper)
 
     def aws_call(self, service: str, operation: str, outcome: str, seconds: float) -> None:
         self.aws_calls.labels(service, operation, outcome).inc()

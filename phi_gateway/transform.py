@@ -50,6 +50,9 @@ class Report:
     plaintext_seen: Counter[str] = field(default_factory=Counter)  # non-token values at decrypt paths
     withheld: Counter[str] = field(default_factory=Counter)  # masked, removed or left as token by reveal
     key_refs: set[str] = field(default_factory=set)
+    # Data keys that opened only under an older pepper version's KMS context: wrapped before
+    # a pepper rotation, and due for `phi-gateway rewrap`.
+    stale_pepper: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,12 +143,21 @@ def _single(path: JsonPath, record: Any) -> Any:
     return found[0] if found else None
 
 
-def _index(rule: FieldIndex, record: dict[str, Any], pepper: Pepper) -> str | None:
+def _versions(pepper: Pepper) -> list[int]:
+    """Every pepper version, current first, then the others newest first: the order searches
+    ask for indexes in and decrypt tries KMS contexts in."""
+    return [pepper.current, *sorted((v for v in pepper.versions if v != pepper.current), reverse=True)]
+
+
+def _indexes(
+    rule: FieldIndex, record: dict[str, Any], pepper: Pepper, versions: Sequence[int]
+) -> list[str] | None:
+    """The record's index under each of ``versions``; None when a source field is missing."""
     values = [_single(path, record) for path in rule.fields]
     if any(v is None for v in values):
         return None
     try:
-        return rule.index.compute(pepper, values)
+        return [rule.index.compute(pepper, values, version) for version in versions]
     except NormalizeError as exc:
         raise DocumentError("index_value_invalid", f"cannot index {rule.fields[0].source}: {exc}") from None
 
@@ -182,18 +194,21 @@ async def encrypt_request(
         if rule.blind_indexes or rule.criteria:
             if pepper is None:
                 raise DocumentError("configuration", "blind indexes need a pepper")
+            versions = _versions(pepper)
             for index_rule in rule.blind_indexes:
-                value = _index(index_rule, record, pepper)
+                written = _indexes(index_rule, record, pepper, versions[:1])  # writes: current only
                 record.pop(index_rule.index.name, None)  # a client cannot supply its own index
-                if value is not None:
-                    record[index_rule.index.name] = value
+                if written is not None:
+                    record[index_rule.index.name] = written[0]
                     report.indexed[index_rule.index.name] += 1
             for criteria in rule.criteria:
-                value = _index(criteria, record, pepper)
+                searched = _indexes(criteria, record, pepper, versions)
                 for path in criteria.fields:
                     _delete(path, record)
-                if value is not None:
-                    record[criteria.index.name] = value
+                if searched is not None:
+                    # During a pepper overlap stored records carry either version's index: the
+                    # upstream gets a list (current first) to match as OR; otherwise one string.
+                    record[criteria.index.name] = searched if len(searched) > 1 else searched[0]
                     report.indexed[criteria.index.name] += 1
         if rule.context is None:
             continue
@@ -246,11 +261,13 @@ async def decrypt_response(
 ) -> Report:
     """Decrypt every token at the rule's paths in place, as far as ``roles`` may see it
     (``reveal.plan``; None: everything); ``on_error`` decides what a token that does not
-    authenticate becomes (``fail`` raises ``InvalidToken``, ``redact`` → null)."""
+    authenticate becomes (``fail`` raises ``InvalidToken``, ``redact`` → null). A data key
+    wrapped before a pepper rotation opens under an older version's pseudonyms
+    (``docs/pepper.md``), counted in ``stale_pepper``."""
     report = Report()
     actions = reveal.plan(rule, roles)
     pending: list[tuple[Any, Any, str, envelope.Token, bytes, tuple[str, bytes, bytes]]] = []
-    unwrap: dict[tuple[str, bytes, bytes], dict[str, str]] = {}
+    unwrap: dict[tuple[str, bytes, bytes], _Record] = {}
     removals: list[tuple[Any, Any]] = []
     records = _records(doc, rule.records)
     for record in records:
@@ -280,23 +297,59 @@ async def decrypt_response(
                 _integrity_failure(rule, parent, key, canonical, report)
                 continue
             slot = (token.key_ref, token.wrapped_key, digest)
-            unwrap.setdefault(slot, ctx.kms)
+            unwrap.setdefault(slot, ctx)
             pending.append((parent, key, canonical, token, ctx.context_bytes, slot))
     report.records = len(records)
-    slots = list(unwrap)
+    unwrapped: dict[tuple[str, bytes, bytes], DataKey | None] = {}
+    pseudonymized = any(e.kms == "pseudonymize" for e in rule.context.kms_entries)
+    older = _versions(pepper)[1:] if pepper is not None and pseudonymized else []
+    if older:
+        # During a pepper overlap a key wrapped before the rotation is cached under an older
+        # version's context: look there before asking KMS, which would refuse the current one.
+        assert pepper is not None
+        for slot, ctx in unwrap.items():
+            ref, wrapped, _ = slot
+            cached = keys.cached_decryption_key(ref, wrapped, ctx.kms)
+            for version in older:
+                if cached is not None:
+                    break
+                cached = keys.cached_decryption_key(
+                    ref, wrapped, kms_context(rule.context, ctx.exact, pepper, version)
+                )
+                report.stale_pepper += cached is not None
+            if cached is not None:
+                unwrapped[slot] = cached
+    slots = [slot for slot in unwrap if slot not in unwrapped]
     results = await asyncio.gather(
-        *(keys.decryption_key(ref, wrapped, unwrap[(ref, wrapped, d)]) for ref, wrapped, d in slots),
+        *(keys.decryption_key(ref, wrapped, unwrap[(ref, wrapped, d)].kms) for ref, wrapped, d in slots),
         return_exceptions=True,
     )
-    unwrapped: dict[tuple[str, bytes, bytes], DataKey | None] = {}
+    stale: list[tuple[str, bytes, bytes]] = []
     for slot, result in zip(slots, results, strict=True):
-        if isinstance(result, InvalidToken | UnknownMasterKey):
-            unwrapped[slot] = None  # does not open under this record's context, or names a stranger key
+        if isinstance(result, InvalidToken):
+            unwrapped[slot] = None  # does not open under this record's context (yet: see below)
+            stale.append(slot)
+        elif isinstance(result, UnknownMasterKey):
+            unwrapped[slot] = None  # names a stranger key: no context can help
         elif isinstance(result, BaseException):
             raise result  # key service trouble: the whole response fails, nothing partial
         else:
             unwrapped[slot] = result
-            report.key_refs.add(result.key_ref)
+    if stale and older:
+        # Wrapped before a pepper rotation: the KMS context held another version's pseudonyms.
+        # The exact context still binds every token through its AAD, so this opens nothing new.
+        assert pepper is not None
+        retried = await asyncio.gather(
+            *(_unwrap_older(keys, slot, rule.context, unwrap[slot].exact, pepper, older) for slot in stale),
+            return_exceptions=True,
+        )
+        for slot, older_key in zip(stale, retried, strict=True):
+            if isinstance(older_key, BaseException):
+                raise older_key
+            if older_key is not None:
+                unwrapped[slot] = older_key
+                report.stale_pepper += 1
+    report.key_refs.update(k.key_ref for k in unwrapped.values() if k is not None)
     prefixes = {path.canonical: envelope.field_prefix(path.canonical) for path in rule.decrypt}
     for parent, key, canonical, token, context_bytes, slot in pending:
         data_key = unwrapped[slot]
@@ -318,6 +371,24 @@ async def decrypt_response(
     return report
 
 
+async def _unwrap_older(
+    keys: DataKeyCache,
+    slot: tuple[str, bytes, bytes],
+    spec: ContextSpec,
+    exact: Mapping[str, str],
+    pepper: Pepper,
+    versions: Sequence[int],
+) -> DataKey | None:
+    """The slot's data key under the first of ``versions`` whose KMS context opens it."""
+    key_ref, wrapped, _ = slot
+    for version in versions:
+        try:
+            return await keys.decryption_key(key_ref, wrapped, kms_context(spec, exact, pepper, version))
+        except InvalidToken:
+            continue
+    return None
+
+
 def _integrity_failure(rule: ResponseRule, parent: Any, key: Any, canonical: str, report: Report) -> None:
     if rule.on_error == "fail":
         raise InvalidToken()
@@ -333,7 +404,9 @@ def rewrite_query(query: str, rules: Sequence[QueryRule], pepper: Pepper | None)
     """Replace searched query parameters with their blind indexes; the plaintext never leaves.
 
     ``query`` is the raw (percent-encoded) query string. Returns the new one and the count
-    of indexes written, by index name.
+    of values searched, by index name. Each value becomes one index parameter per pepper
+    version, current first (``ssn_bidx=2:..&ssn_bidx=1:..`` during an overlap), which the
+    upstream must match as OR.
     """
     counts: Counter[str] = Counter()
     if not rules:
@@ -361,8 +434,13 @@ def rewrite_query(query: str, rules: Sequence[QueryRule], pepper: Pepper | None)
                 "search_incomplete",
                 f"search by {rule.index.name} needs each of {', '.join(rule.params)} once",
             )
+        versions = _versions(pepper)
         try:
-            indexes = [rule.index.compute(pepper, list(combo)) for combo in zip(*values, strict=True)]
+            indexes = [
+                rule.index.compute(pepper, list(combo), version)
+                for combo in zip(*values, strict=True)
+                for version in versions
+            ]
         except NormalizeError as exc:
             raise DocumentError(
                 "index_value_invalid", f"cannot index query {rule.params[0]!r}: {exc}"
@@ -370,5 +448,5 @@ def rewrite_query(query: str, rules: Sequence[QueryRule], pepper: Pepper | None)
         first = next(i for i, (k, _) in enumerate(pairs) if k in rule.params)
         pairs = [(k, v) for k, v in pairs if k not in rule.params]
         pairs[first:first] = [(rule.index.name, index) for index in indexes]
-        counts[rule.index.name] += len(indexes)
+        counts[rule.index.name] += len(values[0])
     return urlencode(pairs), counts
