@@ -18,7 +18,7 @@ from phi_gateway.aws import AwsSettings
 from phi_gateway.cache import DataKeyCache
 from phi_gateway.exceptions import PHIGatewayError
 from phi_gateway.jsonvalue import loads_strict
-from phi_gateway.keyring import LocalKeyring, create_keyring
+from phi_gateway.keyring import LocalKeyring, create_keyring, rotate_keyring
 from phi_gateway.keys import KeyProvider
 from phi_gateway.kms import KmsKeyProvider
 from phi_gateway.pepper import Pepper, create_pepper_file
@@ -154,6 +154,18 @@ def keys_init(path: str) -> None:
     click.echo("note: a local keyring keeps its master key in the file; use AWS KMS in production", err=True)
 
 
+@keys.command("rotate")
+@click.argument("path", type=click.Path(dir_okay=False))
+def keys_rotate(path: str) -> None:
+    """Add a new master key to the keyring at PATH and make it current (older keys stay,
+    for decrypting); then move stored tokens with `phi-gateway rewrap`."""
+    try:
+        key_id = rotate_keyring(path)
+    except PHIGatewayError as exc:
+        fail(str(exc))
+    click.echo(f"rotated {path}: new current master key {key_id}")
+
+
 @main.group()
 def pepper() -> None:
     """Manage local blind-index peppers."""
@@ -224,9 +236,11 @@ def inspect(token: str) -> None:
 # Last, because the policy commands use the helpers above.
 from phi_gateway.cli_audit import audit  # noqa: E402
 from phi_gateway.cli_policy import policy  # noqa: E402
+from phi_gateway.cli_rewrap import rewrap  # noqa: E402
 from phi_gateway.cli_serve import demo, serve  # noqa: E402
 
 main.add_command(audit)
 main.add_command(policy)
 main.add_command(serve)
 main.add_command(demo)
+main.add_command(rewrap)

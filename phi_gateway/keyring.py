@@ -2,7 +2,8 @@
 
 The file holds its master keys in the clear (base64url), so anyone who can read it can
 decrypt everything. It exists so the product runs with no cloud account; production
-uses ``kms.KmsKeyProvider``. The format is in ``docs/keyring.md``.
+uses ``kms.KmsKeyProvider``. The format is in ``docs/keyring.md``; rotation (a new current
+key, the old ones kept for decrypting) in ``docs/rotation.md``.
 """
 
 from __future__ import annotations
@@ -29,24 +30,88 @@ def new_master_key_id() -> str:
     return "local:" + secrets.token_hex(8)
 
 
+def _document(keys: dict[str, bytes], current: str) -> bytes:
+    document = {
+        "format": FORMAT,
+        "version": 1,
+        "warning": WARNING,
+        "current": current,
+        "master_keys": {key_id: b64url.encode(key) for key_id, key in keys.items()},
+    }
+    return orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
+
+
+def _read(path: str | os.PathLike[str]) -> tuple[dict[str, bytes], str]:
+    """A keyring file's master keys (in file order) and current key id."""
+    name = os.fspath(path)
+    try:
+        raw = read_private_file(name, "keyring")
+    except OSError as exc:
+        raise KeyringError(str(exc)) from None
+    try:
+        doc = orjson.loads(raw)
+        if doc.get("format") != FORMAT or doc.get("version") != 1:
+            raise ValueError
+        keys = {str(k): b64url.decode(v) for k, v in doc["master_keys"].items()}
+        current = str(doc["current"])
+        if any(not k.startswith("local:") or len(v) != KEY_BYTES for k, v in keys.items()):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError):
+        raise KeyringError(f"keyring {name} is not a valid phi-gateway keyring") from None
+    return keys, current
+
+
 def create_keyring(path: str | os.PathLike[str]) -> str:
     """Write a new keyring with one master key at ``path`` (mode 0600); return the key id.
 
     Refuses to overwrite anything, including a dangling symlink.
     """
     key_id = new_master_key_id()
-    document = {
-        "format": FORMAT,
-        "version": 1,
-        "warning": WARNING,
-        "current": key_id,
-        "master_keys": {key_id: b64url.encode(secrets.token_bytes(KEY_BYTES))},
-    }
     try:
-        create_private_file(path, orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n", "keyring")
+        create_private_file(path, _document({key_id: secrets.token_bytes(KEY_BYTES)}, key_id), "keyring")
     except OSError as exc:
         raise KeyringError(str(exc)) from None
     return key_id
+
+
+def rotate_keyring(path: str | os.PathLike[str]) -> str:
+    """Add a new master key to the keyring at ``path`` and make it current; return its id.
+
+    Older keys stay, so tokens wrapped under them still decrypt until ``phi-gateway rewrap``
+    moves them. The file is replaced whole (a new 0600 file renamed over it), never edited
+    in place, so a crash leaves the old keyring or the new one. Not safe against two
+    rotations of one file at the same moment: the last rename wins.
+    """
+    name = os.fspath(path)
+    keys, current = _read(name)
+    if current not in keys:
+        raise KeyringError(f"keyring {name} is not a valid phi-gateway keyring")
+    key_id = new_master_key_id()
+    while key_id in keys:  # 64 random bits make a clash theoretical, but one would drop an old key
+        key_id = new_master_key_id()
+    keys[key_id] = secrets.token_bytes(KEY_BYTES)
+    directory, base = os.path.split(os.path.abspath(name))
+    temporary = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
+    try:
+        create_private_file(temporary, _document(keys, key_id), "keyring")
+        try:
+            os.replace(temporary, name)
+        except OSError as exc:
+            os.unlink(temporary)
+            raise OSError(f"cannot replace keyring {name}: {exc.strerror}") from None
+        _sync_directory(directory)
+    except OSError as exc:
+        raise KeyringError(str(exc)) from None
+    return key_id
+
+
+def _sync_directory(directory: str) -> None:
+    """Make the rename durable: a crash after it must not bring the old file back."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class LocalKeyring:
@@ -65,22 +130,7 @@ class LocalKeyring:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LocalKeyring:
-        name = os.fspath(path)
-        try:
-            raw = read_private_file(name, "keyring")
-        except OSError as exc:
-            raise KeyringError(str(exc)) from None
-        try:
-            doc = orjson.loads(raw)
-            if doc.get("format") != FORMAT or doc.get("version") != 1:
-                raise ValueError
-            keys = {str(k): b64url.decode(v) for k, v in doc["master_keys"].items()}
-            current = str(doc["current"])
-            if any(not k.startswith("local:") or len(v) != KEY_BYTES for k, v in keys.items()):
-                raise ValueError
-        except (ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError):
-            raise KeyringError(f"keyring {name} is not a valid phi-gateway keyring") from None
-        return cls(keys, current)
+        return cls(*_read(path))
 
     def __repr__(self) -> str:
         return f"LocalKeyring(master_keys={sorted(self._aeads)!r}, current={self._current!r})"

@@ -79,7 +79,7 @@ def _records(doc: Any, path: JsonPath) -> list[dict[str, Any]]:
 
 
 def _context(spec: ContextSpec, record: Mapping[str, Any], scope: Scope, pepper: Pepper | None) -> _Record:
-    exact = _exact_context(spec, record, scope)
+    exact = exact_context(spec, record, scope)
     kms = kms_context(spec, exact, pepper)
     # The audit trail shows request-derived values as pseudonyms unless the policy says
     # kms: plain, whatever reaches KMS (per_policy and omit entries never do).
@@ -94,7 +94,8 @@ def _context(spec: ContextSpec, record: Mapping[str, Any], scope: Scope, pepper:
     return _Record(exact, kms, encode_context(exact), audit)
 
 
-def _exact_context(spec: ContextSpec, record: Mapping[str, Any], scope: Scope) -> dict[str, str]:
+def exact_context(spec: ContextSpec, record: Mapping[str, Any], scope: Scope) -> dict[str, str]:
+    """A record's encryption context with its exact values, as bound into its tokens' AAD."""
     exact = {POLICY_CONTEXT_KEY: spec.policy}
     for entry in spec.entries:
         value: Any
