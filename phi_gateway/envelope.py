@@ -16,7 +16,6 @@ from __future__ import annotations
 import binascii
 import math
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +35,14 @@ _SUITE = bytes((VERSION, ALG_AES256_GCM_JSON))
 _MAX_KEY_REF = 0xFF
 _MAX_WRAPPED = 0xFFFF
 _MAX_FIELD = 0xFFFF
-_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+_PADDING = {0: b"", 2: b"==", 3: b"="}
+# A last character carries 4 (length % 4 == 2) or 2 (== 3) spare bits, which must be zero.
+_CANONICAL_LAST = {
+    2: frozenset(c for i, c in enumerate(_ALPHABET) if i & 0x0F == 0),
+    3: frozenset(c for i, c in enumerate(_ALPHABET) if i & 0x03 == 0),
+}
 # Refuse values orjson would silently change type of, instead of serializing them.
 _DUMPS_OPTIONS = (
     orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
@@ -86,16 +92,23 @@ def key_header(key_ref: str, wrapped_key: bytes) -> bytes:
 
 
 def _b64decode(text: str) -> bytes:
-    """Strict base64url without padding: one canonical text per byte string."""
-    if not _BASE64URL.fullmatch(text) or len(text) % 4 == 1:
+    """Strict base64url without padding: one canonical text per byte string.
+
+    On the hot path of every decrypt, so it checks with C-speed byte operations: the
+    alphabet (``translate`` deleting it leaves nothing), the length, and that the spare low
+    bits of the last character are zero (else another spelling of the same bytes).
+    """
+    try:
+        data = text.encode("ascii")
+    except UnicodeEncodeError:
+        raise InvalidToken() from None
+    spare = len(data) % 4
+    if data.translate(None, _ALPHABET) or spare == 1 or (spare and data[-1] not in _CANONICAL_LAST[spare]):
         raise InvalidToken()
     try:
-        raw = b64url.decode(text)
-    except (binascii.Error, ValueError):
+        return binascii.a2b_base64(data.translate(_TO_STANDARD) + _PADDING[spare])
+    except binascii.Error:
         raise InvalidToken() from None
-    if b64url.encode(raw) != text:  # non-zero padding bits: another spelling of the same bytes
-        raise InvalidToken()
-    return raw
 
 
 def is_token(value: object) -> bool:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
 from phi_gateway import envelope, reveal
@@ -34,6 +34,8 @@ from phi_gateway.rules import (
     RequestRule,
     ResponseRule,
 )
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -234,11 +236,11 @@ async def encrypt_request(
     report.records = len(records)
     if not pending:
         return report
-    data_keys: list[DataKey] = await asyncio.gather(
-        *(
+    data_keys: list[DataKey] = await _gather(
+        [
             keys.encryption_key(kms, master_key=master_key, uses=used[0], nbytes=used[1])
             for kms, used in zip(kms_contexts, usage, strict=True)
-        )
+        ]
     )
     headers = [envelope.key_header(k.key_ref, k.wrapped) for k in data_keys]
     report.key_refs.update(k.key_ref for k in data_keys)
@@ -321,8 +323,8 @@ async def decrypt_response(
             if cached is not None:
                 unwrapped[slot] = cached
     slots = [slot for slot in unwrap if slot not in unwrapped]
-    results = await asyncio.gather(
-        *(keys.decryption_key(ref, wrapped, unwrap[(ref, wrapped, d)].kms) for ref, wrapped, d in slots),
+    results = await _gather(
+        [keys.decryption_key(ref, wrapped, unwrap[(ref, wrapped, d)].kms) for ref, wrapped, d in slots],
         return_exceptions=True,
     )
     stale: list[tuple[str, bytes, bytes]] = []
@@ -388,6 +390,19 @@ async def _unwrap_older(
         except InvalidToken:
             continue
     return None
+
+
+async def _gather(calls: list[Awaitable[T]], *, return_exceptions: bool = False) -> list[Any]:
+    """``asyncio.gather`` without a task per call when there is one call, the common case
+    (one record, or one shared data key): a task costs more than a cached key lookup."""
+    if len(calls) != 1:
+        return list(await asyncio.gather(*calls, return_exceptions=return_exceptions))
+    try:
+        return [await calls[0]]
+    except Exception as exc:
+        if not return_exceptions:
+            raise
+        return [exc]
 
 
 def _integrity_failure(rule: ResponseRule, parent: Any, key: Any, canonical: str, report: Report) -> None:

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from phi_gateway import envelope
 from phi_gateway.cache import DataKeyCache
@@ -186,6 +188,27 @@ def test_non_canonical_base64_spelling_is_rejected() -> None:
     for sibling in siblings:
         with pytest.raises(InvalidToken):
             envelope.parse(text[:-1] + sibling)
+
+
+def _reference_b64decode(text: str) -> bytes | None:
+    """The plain definition: the URL-safe alphabet, and the one spelling that encoding gives."""
+    alphabet = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    if set(text) - alphabet or len(text) % 4 == 1:
+        return None
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    return data if base64.urlsafe_b64encode(data).rstrip(b"=").decode() == text else None
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_+/=é \n", max_size=12)
+)
+def test_the_fast_base64_decoder_agrees_with_the_plain_definition(text: str) -> None:
+    try:
+        decoded: bytes | None = envelope._b64decode(text)
+    except InvalidToken:
+        decoded = None
+    assert decoded == _reference_b64decode(text)
 
 
 @pytest.mark.parametrize("version", [0, 2, 255])
