@@ -131,16 +131,12 @@ class DataKeyCache:
         self, context: Context, *, master_key: str | None = None, uses: int = 1, nbytes: int = 0
     ) -> DataKey:
         """A data key for ``context`` with ``uses`` encryptions of ``nbytes`` reserved on it."""
-        if not 1 <= uses <= self.max_uses or not 0 <= nbytes <= self.max_bytes:
-            raise ValueError("one request may not reserve more than max_uses / max_bytes.")
         context = dict(context)  # the caller's mapping may change while we wait
+        key = self.cached_encryption_key(context, master_key=master_key, uses=uses, nbytes=nbytes)
+        if key is not None:
+            return key
         master = master_key or self.provider.default_master_key
         slot = ("encrypt", master, context_digest(context))
-        entry = self._live(self._encrypt, slot)
-        if entry is not None and self._reserve(entry, uses, nbytes):
-            self.stats.encrypt_hits += 1
-            _count("hits")
-            return entry.key
         self.stats.encrypt_misses += 1
         _count("misses")
         while True:
@@ -167,6 +163,21 @@ class DataKeyCache:
         entry = await self._fly(
             slot, lambda generation: self._unwrap(slot, key_ref, wrapped, context, generation)
         )
+        return entry.key
+
+    def cached_encryption_key(
+        self, context: Context, *, master_key: str | None = None, uses: int = 1, nbytes: int = 0
+    ) -> DataKey | None:
+        """The cached data key for ``context`` with ``uses`` reserved on it, if one is live and
+        has room; never calls the provider (a document's keys are looked up without a task)."""
+        if not 1 <= uses <= self.max_uses or not 0 <= nbytes <= self.max_bytes:
+            raise ValueError("one request may not reserve more than max_uses / max_bytes.")
+        master = master_key or self.provider.default_master_key
+        entry = self._live(self._encrypt, ("encrypt", master, context_digest(context)))
+        if entry is None or not self._reserve(entry, uses, nbytes):
+            return None
+        self.stats.encrypt_hits += 1
+        _count("hits")
         return entry.key
 
     def cached_decryption_key(self, key_ref: str, wrapped: bytes, context: Context) -> DataKey | None:

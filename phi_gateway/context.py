@@ -26,18 +26,16 @@ def encode_context(context: Context) -> bytes:
     """
     if len(context) > _MAX_ITEM:
         raise ValueError("encryption context has too many entries")
-    out = bytearray(len(context).to_bytes(2, "big"))
+    parts = [len(context).to_bytes(2, "big")]  # joined once: this runs for every record
     for key in sorted(context):
         value = context[key]
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError("encryption context keys and values must be strings")
-        for text in (key, value):
-            raw = text.encode("utf-8")
-            if len(raw) > _MAX_ITEM:
-                raise ValueError("encryption context entry is too long")
-            out += len(raw).to_bytes(2, "big")
-            out += raw
-    return bytes(out)
+        raw_key, raw_value = key.encode("utf-8"), value.encode("utf-8")
+        if len(raw_key) > _MAX_ITEM or len(raw_value) > _MAX_ITEM:
+            raise ValueError("encryption context entry is too long")
+        parts += (len(raw_key).to_bytes(2, "big"), raw_key, len(raw_value).to_bytes(2, "big"), raw_value)
+    return b"".join(parts)
 
 
 def context_digest(context: Context) -> bytes:

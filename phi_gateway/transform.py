@@ -236,12 +236,21 @@ async def encrypt_request(
     report.records = len(records)
     if not pending:
         return report
-    data_keys: list[DataKey] = await _gather(
+    # Cache hits synchronously; only misses become concurrent key-service calls.
+    found = [
+        keys.cached_encryption_key(kms, master_key=master_key, uses=used[0], nbytes=used[1])
+        for kms, used in zip(kms_contexts, usage, strict=True)
+    ]
+    missing = [n for n, key in enumerate(found) if key is None]
+    fetched = await _gather(
         [
-            keys.encryption_key(kms, master_key=master_key, uses=used[0], nbytes=used[1])
-            for kms, used in zip(kms_contexts, usage, strict=True)
+            keys.encryption_key(kms_contexts[n], master_key=master_key, uses=usage[n][0], nbytes=usage[n][1])
+            for n in missing
         ]
     )
+    for n, key in zip(missing, fetched, strict=True):
+        found[n] = key
+    data_keys = [key for key in found if key is not None]
     headers = [envelope.key_header(k.key_ref, k.wrapped) for k in data_keys]
     report.key_refs.update(k.key_ref for k in data_keys)
     ivs = os.urandom(IV_BYTES * len(pending))
@@ -306,22 +315,20 @@ async def decrypt_response(
     unwrapped: dict[tuple[str, bytes, bytes], DataKey | None] = {}
     pseudonymized = any(e.kms == "pseudonymize" for e in rule.context.kms_entries)
     older = _versions(pepper)[1:] if pepper is not None and pseudonymized else []
-    if older:
+    for slot, ctx in unwrap.items():  # cache hits synchronously, without a task each
+        ref, wrapped, _ = slot
+        cached = keys.cached_decryption_key(ref, wrapped, ctx.kms)
         # During a pepper overlap a key wrapped before the rotation is cached under an older
         # version's context: look there before asking KMS, which would refuse the current one.
-        assert pepper is not None
-        for slot, ctx in unwrap.items():
-            ref, wrapped, _ = slot
-            cached = keys.cached_decryption_key(ref, wrapped, ctx.kms)
-            for version in older:
-                if cached is not None:
-                    break
-                cached = keys.cached_decryption_key(
-                    ref, wrapped, kms_context(rule.context, ctx.exact, pepper, version)
-                )
-                report.stale_pepper += cached is not None
+        for version in older:
             if cached is not None:
-                unwrapped[slot] = cached
+                break
+            assert pepper is not None
+            older_context = kms_context(rule.context, ctx.exact, pepper, version)
+            cached = keys.cached_decryption_key(ref, wrapped, older_context)
+            report.stale_pepper += cached is not None
+        if cached is not None:
+            unwrapped[slot] = cached
     slots = [slot for slot in unwrap if slot not in unwrapped]
     results = await _gather(
         [keys.decryption_key(ref, wrapped, unwrap[(ref, wrapped, d)].kms) for ref, wrapped, d in slots],
