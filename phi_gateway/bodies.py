@@ -50,7 +50,9 @@ def is_json(content_type: str | None) -> bool:
 
 
 def check_json_request(headers: Headers) -> None:
-    if not is_json(headers.get("content-type")):
+    types = headers.getlist("content-type")
+    # Two Content-Types: the gateway would read the first, an upstream perhaps the last.
+    if len(types) != 1 or not is_json(types[0]):
         raise HTTPError(415, "unsupported_media_type", "this route accepts only UTF-8 JSON bodies")
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("identity", "gzip", "deflate"):

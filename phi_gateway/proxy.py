@@ -50,8 +50,20 @@ class UpstreamSettings:
             raise ValueError("upstream timeouts and max_connections must be positive.")
 
 
-# A client must not be able to strip these by naming them in Connection.
-_NEVER_HOP = frozenset({b"content-length", b"content-type", b"content-encoding", b"host", b"location"})
+# A client must not be able to strip these by naming them in Connection: the last two are
+# set by the middleware (the audit trail's request id; identity, so a response it must
+# decrypt does not come back compressed).
+_NEVER_HOP = frozenset(
+    {
+        b"content-length",
+        b"content-type",
+        b"content-encoding",
+        b"host",
+        b"location",
+        b"x-request-id",
+        b"accept-encoding",
+    }
+)
 
 
 def _dropped(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
