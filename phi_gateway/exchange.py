@@ -23,7 +23,7 @@ from phi_gateway.httperrors import http_error, send_error
 from phi_gateway.identity import Principal
 from phi_gateway.jsonvalue import loads_strict
 from phi_gateway.logs import request_id as logged_request_id
-from phi_gateway.rules import RequestRule, ResponseRule, RouteMatch
+from phi_gateway.rules import ResponseRule, RouteMatch
 from phi_gateway.transform import Report, decrypt_response, encrypt_request, rewrite_query
 from phi_gateway.transform import Scope as DocScope
 
@@ -40,22 +40,6 @@ _VALIDATORS = {b"etag", b"last-modified", b"content-md5", b"digest", b"accept-ra
 _NO_BODY_STATUS = {204, 205, 304}
 MAX_AUDIT_RECORDS = 100
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# A path's last member name, before any trailing [*], [n] or .* steps.
-_LAST_MEMBER = re.compile(
-    r"""(?:\.([A-Za-z_][A-Za-z0-9_-]*)|\['((?:[^'\\]|\\.)*)'\])(?:\[(?:\*|-?[0-9]+)\]|\.\*)*$"""
-)
-
-
-def _member_names(rule: RequestRule) -> set[str]:
-    """The names a request rule protects: each path's last member, and the index names (a
-    client must not pass ``SSN`` or ``SSN_BIDX`` to an upstream that ignores case)."""
-    indexes = (*rule.blind_indexes, *rule.criteria)
-    names = {index.index.name for index in indexes}
-    for path in (*rule.encrypt, *(path for index in indexes for path in index.fields)):
-        found = _LAST_MEMBER.search(path.canonical)
-        if found:
-            names.add(found.group(1) or found.group(2))
-    return names
 
 
 def _serialize(doc: Any, *, upstream_side: bool) -> bytes:
@@ -183,9 +167,7 @@ class Exchange:
             self.scope["headers"] = raw_headers
             return self.receive
         body = await read_body(self.receive, headers, self.mw.limits)
-        doc = loads_strict(
-            body, max_depth=self.mw.limits.max_depth, protected=_member_names(self.route.request)
-        )
+        doc = loads_strict(body, max_depth=self.mw.limits.max_depth, protected=self.route.request.protected)
         report = await encrypt_request(
             doc,
             self.route.request,

@@ -9,6 +9,8 @@ docs/policy.md.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,13 +208,14 @@ class _Compiler:
             self.field_index(entry, entry["blind_index"], (*loc, "criteria", i))
             for i, entry in enumerate(raw.get("criteria", []))
         ]
-        return RequestRule(
+        rule = RequestRule(
             records=records or compile_path("$"),
             context=self.context(raw["context"], template, (*loc, "context")) if "context" in raw else None,
             encrypt=tuple(p for p in encrypt if p is not None),
             blind_indexes=tuple(i for i in indexes if i is not None),
             criteria=tuple(c for c in criteria if c is not None),
         )
+        return dataclasses.replace(rule, protected=_protected_names(rule))
 
     def response(
         self,
@@ -264,6 +267,24 @@ class _Compiler:
                 if path.canonical in seen:
                     self.fail((*loc, i), f"{path.source!r} selects the same field as an earlier entry")
                 seen.add(path.canonical)
+
+
+# A path's last member name, before any trailing [*], [n] or .* steps.
+_LAST_MEMBER = re.compile(
+    r"""(?:\.([A-Za-z_][A-Za-z0-9_-]*)|\['((?:[^'\\]|\\.)*)'\])(?:\[(?:\*|-?[0-9]+)\]|\.\*)*$"""
+)
+
+
+def _protected_names(rule: RequestRule) -> frozenset[str]:
+    """The names a request rule protects: each path's last member, and the index names (a
+    client must not pass ``SSN`` or ``SSN_BIDX`` to an upstream that ignores case)."""
+    indexes = (*rule.blind_indexes, *rule.criteria)
+    names = {index.index.name for index in indexes}
+    for path in (*rule.encrypt, *(path for index in indexes for path in index.fields)):
+        found = _LAST_MEMBER.search(path.canonical)
+        if found:
+            names.add(found.group(1) or found.group(2))
+    return frozenset(names)
 
 
 def policy_files(paths: Iterable[str | Path]) -> list[Path]:

@@ -56,6 +56,8 @@ class RequestRule:
     encrypt: tuple[JsonPath, ...]
     blind_indexes: tuple[FieldIndex, ...]
     criteria: tuple[FieldIndex, ...]  # fields replaced by their index (search bodies)
+    # Member names no request key may spell in another case (see jsonvalue.loads_strict).
+    protected: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
