@@ -73,6 +73,8 @@ def parse_policy_text(text: str, name: str) -> tuple[PolicyDocument | None, list
             json.loads(text)
         except json.JSONDecodeError as exc:
             return None, [Problem(name, exc.lineno, f"not valid JSON: {exc.msg}")]
+        except RecursionError:
+            return None, [Problem(name, 1, f"nested deeper than {_MAX_DEPTH} levels")]
         text = text.replace("\t", " ")  # a raw tab can only be whitespace in valid JSON
     document = PolicyDocument(name, None)
     problems: list[Problem] = []
@@ -82,7 +84,11 @@ def parse_policy_text(text: str, name: str) -> tuple[PolicyDocument | None, list
         node = loader.get_single_node()
         if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
             return None, [Problem(name, 1, "policy file is empty")]
-        document.data = _build(loader, node, (), document, problems)
+        document.data = _build(loader, node, (), document, problems, [_MAX_NODES])
+    except _TooLarge as exc:
+        return None, [Problem(name, exc.line, str(exc))]
+    except RecursionError:  # the YAML composer and json.loads recurse on nesting
+        return None, [Problem(name, 1, f"nested deeper than {_MAX_DEPTH} levels")]
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
@@ -97,10 +103,33 @@ def parse_policy_text(text: str, name: str) -> tuple[PolicyDocument | None, list
     return document, _schema_problems(document)
 
 
+# Far beyond any real policy; YAML aliases can make a small file expand without end (an
+# alias inside itself) or exponentially ("billion laughs"), so the expansion is bounded.
+_MAX_DEPTH = 64
+_MAX_NODES = 100_000
+
+
+class _TooLarge(Exception):
+    def __init__(self, message: str, line: int) -> None:
+        super().__init__(message)
+        self.line = line
+
+
 def _build(
-    loader: yaml.SafeLoader, node: yaml.Node, location: Location, doc: PolicyDocument, problems: list[Problem]
+    loader: yaml.SafeLoader,
+    node: yaml.Node,
+    location: Location,
+    doc: PolicyDocument,
+    problems: list[Problem],
+    budget: list[int],
 ) -> Any:
-    doc.lines.setdefault(location, node.start_mark.line + 1)  # a member's line is its key's
+    line = node.start_mark.line + 1
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooLarge(f"more than {_MAX_NODES} values (aliases expanding?)", line)
+    if len(location) > _MAX_DEPTH:
+        raise _TooLarge(f"nested deeper than {_MAX_DEPTH} levels (an alias inside itself?)", line)
+    doc.lines.setdefault(location, line)  # a member's line is its key's
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -115,10 +144,12 @@ def _build(
                 problems.append(Problem(doc.file, key_node.start_mark.line + 1, f"{where}: duplicate key"))
                 continue
             doc.lines[(*location, key)] = key_node.start_mark.line + 1
-            out[key] = _build(loader, value_node, (*location, key), doc, problems)
+            out[key] = _build(loader, value_node, (*location, key), doc, problems, budget)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_build(loader, item, (*location, i), doc, problems) for i, item in enumerate(node.value)]
+        return [
+            _build(loader, item, (*location, i), doc, problems, budget) for i, item in enumerate(node.value)
+        ]
     return loader.construct_object(node, deep=True)
 
 
