@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from phi_gateway.context import Context, context_digest, encode_context
+from phi_gateway.exceptions import InvalidToken
 from phi_gateway.keys import DataKey, KeyProvider
 
 # Per-request hit/miss counts for the audit trail. A context variable, because one cache
@@ -65,6 +66,7 @@ class CacheStats:
     decrypt_calls: int = 0
     evictions: int = 0  # dropped for capacity
     expirations: int = 0  # dropped for age, uses or bytes
+    refusals: int = 0  # unwraps answered "does not open" from memory, without a key-service call
 
     @property
     def provider_calls(self) -> int:
@@ -79,6 +81,9 @@ class _Entry:
         self.created = created
         self.uses = 0
         self.bytes = 0
+
+
+REFUSAL_TTL = 60.0  # seconds a wrapped key that did not open is answered from memory
 
 
 class DataKeyCache:
@@ -110,6 +115,9 @@ class DataKeyCache:
         self._encrypt: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._decrypt: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._flights: dict[Hashable, asyncio.Task[_Entry]] = {}
+        # Wrapped keys that did not open under a context, remembered for REFUSAL_TTL: a forged
+        # or moved token read again and again must not cost a KMS call each time.
+        self._refused: OrderedDict[Hashable, float] = OrderedDict()
         self._generation = 0
 
     def __repr__(self) -> str:
@@ -126,6 +134,7 @@ class DataKeyCache:
         self._generation += 1
         self._encrypt.clear()
         self._decrypt.clear()
+        self._refused.clear()
 
     async def encryption_key(
         self, context: Context, *, master_key: str | None = None, uses: int = 1, nbytes: int = 0
@@ -158,6 +167,12 @@ class DataKeyCache:
             self.stats.decrypt_hits += 1
             _count("hits")
             return entry.key
+        refused = self._refused.get(slot)
+        if refused is not None:
+            if self._clock() - refused < REFUSAL_TTL:
+                self.stats.refusals += 1
+                raise InvalidToken()
+            del self._refused[slot]
         self.stats.decrypt_misses += 1
         _count("misses")
         entry = await self._fly(
@@ -258,7 +273,15 @@ class DataKeyCache:
         self, slot: Hashable, key_ref: str, wrapped: bytes, context: Context, generation: int
     ) -> _Entry:
         self.stats.decrypt_calls += 1
-        entry = _Entry(await self.provider.decrypt_data_key(key_ref, wrapped, context), self._clock())
+        try:
+            key = await self.provider.decrypt_data_key(key_ref, wrapped, context)
+        except InvalidToken:
+            if generation == self._generation:
+                self._refused[slot] = self._clock()
+                while len(self._refused) > self.capacity:
+                    self._refused.popitem(last=False)
+            raise
+        entry = _Entry(key, self._clock())
         if generation == self._generation:
             self._store(self._decrypt, slot, entry)
         return entry

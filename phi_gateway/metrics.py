@@ -151,6 +151,11 @@ class _StatsCollector(Collector):
                 "reason",
                 {"capacity": s.evictions, "expired": s.expirations},
             )
+            yield CounterMetricFamily(
+                "phi_gateway_cache_refusals",
+                "Unwraps refused from memory: a wrapped key that did not open under its context lately.",
+                value=s.refusals,
+            )
             yield GaugeMetricFamily(
                 "phi_gateway_cache_entries", "Data keys held in the cache.", value=len(self.cache)
             )

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from phi_gateway import envelope
-from phi_gateway.cache import DataKeyCache
+from phi_gateway.cache import REFUSAL_TTL, DataKeyCache
 from phi_gateway.context import Context
 from phi_gateway.exceptions import InvalidToken, KeyUnavailable
 from phi_gateway.keys import DataKey, KeyProvider
@@ -182,6 +182,33 @@ async def test_decrypt_side_is_keyed_by_context_too(counting: Counting) -> None:
     with pytest.raises(InvalidToken):
         await cache.decryption_key(key.key_ref, key.wrapped, {**CONTEXT, "ResourceId": "other"})
     assert counting.decrypted == 1
+
+
+async def test_a_key_that_does_not_open_is_refused_from_memory_for_a_while(counting: Counting) -> None:
+    # A forged or moved token read again and again must not cost a key-service call each time.
+    clock = Clock()
+    key = await DataKeyCache(counting.inner).encryption_key(CONTEXT)
+    cache = DataKeyCache(counting, clock=clock)
+    moved = {**CONTEXT, "ResourceId": "other"}
+    for _ in range(5):
+        with pytest.raises(InvalidToken):
+            await cache.decryption_key(key.key_ref, key.wrapped, moved)
+    assert counting.decrypted == 1 and cache.stats.refusals == 4
+    assert await cache.decryption_key(key.key_ref, key.wrapped, CONTEXT)  # its own context opens
+    clock.now += REFUSAL_TTL
+    with pytest.raises(InvalidToken):
+        await cache.decryption_key(key.key_ref, key.wrapped, moved)
+    assert counting.decrypted == 3  # asked again once the refusal aged
+
+
+async def test_an_outage_is_not_remembered_as_a_refusal(counting: Counting) -> None:
+    key = await DataKeyCache(counting.inner).encryption_key(CONTEXT)
+    cache = DataKeyCache(counting)
+    counting.fail_next = 1
+    with pytest.raises(KeyUnavailable):
+        await cache.decryption_key(key.key_ref, key.wrapped, CONTEXT)
+    assert await cache.decryption_key(key.key_ref, key.wrapped, CONTEXT)
+    assert cache.stats.refusals == 0
 
 
 async def test_decrypt_side_ttl(counting: Counting) -> None:
