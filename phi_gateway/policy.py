@@ -243,6 +243,7 @@ class _Compiler:
             reveal=reveal,
             on_error=raw.get("on_error", "fail"),
             status=frozenset(status) if status else None,
+            on_plaintext=raw.get("on_plaintext", "pass"),
         )
 
     def query(self, raw: Mapping[str, Any], loc: tuple[str | int, ...]) -> QueryRule | None:

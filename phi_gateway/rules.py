@@ -80,6 +80,7 @@ class ResponseRule:
     reveal: Mapping[str, Reveal]  # by canonical field path
     on_error: Literal["fail", "redact"]
     status: frozenset[int] | None  # None: every 2xx
+    on_plaintext: Literal["pass", "redact", "fail"] = "pass"  # non-token values at decrypt paths
 
     def applies_to(self, status: int) -> bool:
         return status in self.status if self.status is not None else 200 <= status < 300

@@ -299,7 +299,11 @@ async def decrypt_response(
             if not envelope.is_token(value):
                 if value is not None:
                     report.plaintext_seen[canonical] += 1
-                    if action == "mask_last4":  # stored in the clear: still shown only as its mask
+                    if rule.on_plaintext != "pass":
+                        # Where every value must be a token, a plaintext one was written around
+                        # the gateway (or a token's prefix was altered): not shown as PHI.
+                        _integrity_failure(rule, parent, key, canonical, report, rule.on_plaintext)
+                    elif action == "mask_last4":  # stored in the clear: still shown only as its mask
                         parent[key] = reveal.mask_last4(value)
                         report.withheld[canonical] += 1
                 continue
@@ -412,8 +416,10 @@ async def _gather(calls: list[Awaitable[T]], *, return_exceptions: bool = False)
         return [exc]
 
 
-def _integrity_failure(rule: ResponseRule, parent: Any, key: Any, canonical: str, report: Report) -> None:
-    if rule.on_error == "fail":
+def _integrity_failure(
+    rule: ResponseRule, parent: Any, key: Any, canonical: str, report: Report, action: str | None = None
+) -> None:
+    if (action or rule.on_error) == "fail":
         raise InvalidToken()
     parent[key] = None
     report.redacted[canonical] += 1

@@ -39,7 +39,11 @@ BROKEN_PROBLEMS = [
     ("schema.yaml", 4, "'patients' does not match '^/'"),
     ("schema.yaml", 6, "give exactly one of: literal, param, path, header"),
     ("schema.yaml", 8, "'ignore' is not one of ['fail', 'redact']"),
-    ("schema.yaml", 9, "unknown key 'colour' (allowed: context, decrypt, on_error, records, reveal)"),
+    (
+        "schema.yaml",
+        9,
+        "unknown key 'colour' (allowed: context, decrypt, on_error, on_plaintext, records, reveal)",
+    ),
     ("schema.yaml", 14, "bits: 4 is less than the minimum of 8"),
     ("schema.yaml", 14, "'digitz' is not one of"),
 ]

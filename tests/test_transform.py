@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -346,6 +347,27 @@ async def test_legacy_plaintext_at_a_decrypt_path_is_counted_not_touched(
         doc, rule(policies, "GET", "/patients", "response"), SCOPE, keys=DataKeyCache(keyring), pepper=pepper
     )
     assert doc[0]["ssn"] == "123-45-6789" and report.plaintext_seen == {"$.ssn": 1}
+
+
+@pytest.mark.parametrize("on_plaintext", ["redact", "fail"])
+async def test_on_plaintext_refuses_values_that_are_not_tokens(
+    policies: PolicySet, keyring: KeyProvider, pepper: Pepper, on_plaintext: str
+) -> None:
+    # A token whose "phi:" prefix was altered in the database is plain text to the gateway:
+    # where the policy says every value must be a token, it is not shown as PHI.
+    cache = DataKeyCache(keyring)
+    stored = await put_patient(policies, cache, pepper, {"ssn": "123-45-6789", "dob": "1970-01-01"})
+    stored["ssn"] = "PHI:" + stored["ssn"][4:]
+    strict = dataclasses.replace(
+        rule(policies, "GET", "/patients/{id}", "response"), on_plaintext=on_plaintext
+    )
+    if on_plaintext == "fail":
+        with pytest.raises(InvalidToken):
+            await decrypt_response(stored, strict, SCOPE, keys=cache, pepper=pepper)
+        return
+    report = await decrypt_response(stored, strict, SCOPE, keys=cache, pepper=pepper)
+    assert stored["ssn"] is None and stored["dob"] == "1970-01-01"
+    assert report.redacted == {"$.ssn": 1} and report.plaintext_seen == {"$.ssn": 1}
 
 
 async def test_pseudonymized_context_without_a_pepper_is_refused(
