@@ -81,6 +81,8 @@ def serve(config_path: str | None, **flags: Any) -> None:
         host=config.host,
         port=config.port,
         workers=config.workers,
+        ssl_certfile=config.tls_certfile,
+        ssl_keyfile=config.tls_keyfile,
         **{
             **SERVER_OPTIONS,
             "log_config": log_config(config.log_format, config.log_level),

@@ -69,6 +69,9 @@ class GatewayConfig:
     upstream_read_timeout: float = 30.0
     upstream_max_connections: int = 100
     preserve_host: bool = False
+    # TLS on the gateway's own port (PEM files); without them it speaks plain HTTP
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
     # operations: the admin port (/healthz, /readyz, /metrics), logs, policy hot reload
     admin_host: str = "127.0.0.1"
     admin_port: int = 9090  # 0: no admin server
@@ -103,6 +106,11 @@ class GatewayConfig:
                 "the admin port needs workers: 1 (run one worker per container and scale with "
                 "replicas), or admin_port: 0"
             )
+        if bool(self.tls_certfile) != bool(self.tls_keyfile):
+            raise ConfigError("TLS needs both tls_certfile and tls_keyfile")
+        for tls_file in (self.tls_certfile, self.tls_keyfile):
+            if tls_file and not Path(tls_file).is_file():
+                raise ConfigError(f"TLS file {tls_file} does not exist")
         if self.log_format not in ("json", "text"):
             raise ConfigError("log_format must be json or text")
         if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):

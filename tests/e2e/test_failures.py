@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -263,3 +264,88 @@ def test_a_failed_startup_stops_serve(secrets_dir: Path, upstream_process: Upstr
     )
     assert done.returncode != 0
     assert "Application startup failed" in done.stdout + done.stderr
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "phi-gateway test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key_file.chmod(0o600)
+    return cert_file, key_file
+
+
+def test_serve_speaks_tls_when_given_a_certificate(
+    secrets_dir: Path, upstream_process: Upstream, tmp_path: Path
+) -> None:
+    cert, key = _self_signed(tmp_path)
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PHI_GATEWAY_")},
+        "PHI_GATEWAY_UPSTREAM": upstream_process.url,
+        "PHI_GATEWAY_KEYRING": str(secrets_dir / "keyring.json"),
+        "PHI_GATEWAY_PEPPER": str(secrets_dir / "pepper.json"),
+        "PHI_GATEWAY_POLICIES": str(POLICIES),
+        "PHI_GATEWAY_PRINCIPAL_HEADER": "X-User",
+        "PHI_GATEWAY_ROLES_HEADER": "X-Roles",
+        "PHI_GATEWAY_TRUSTED_PROXIES": "127.0.0.1",
+        "PHI_GATEWAY_ADMIN_PORT": "0",
+        "PHI_GATEWAY_AUDIT_SINK": "none",
+        "PHI_GATEWAY_TLS_CERTFILE": str(cert),
+        "PHI_GATEWAY_TLS_KEYFILE": str(key),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "phi_gateway", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        trusted = ssl.create_default_context(cafile=str(cert))
+        with httpx.Client(base_url=f"https://127.0.0.1:{port}", headers=AUTH, verify=trusted) as client:
+            written = client.put("/patients/tls-1", json={"id": "tls-1", "ssn": "078-05-1120"})
+            assert written.status_code == 200 and written.json()["ssn"] == "078-05-1120"
+        stored = httpx.get(f"{upstream_process.url}/patients/tls-1").json()
+        assert stored["ssn"].startswith("phi:")
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port is not served
+            httpx.get(f"http://127.0.0.1:{port}/patients/tls-1", headers=AUTH, timeout=5)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=15)
+
+
+def test_tls_needs_both_files(tmp_path: Path) -> None:
+    from phi_gateway.config import ConfigError, GatewayConfig
+
+    cert, _ = _self_signed(tmp_path)
+    with pytest.raises(ConfigError, match="both"):
+        GatewayConfig(upstream="http://127.0.0.1:1", keyring="k", tls_certfile=str(cert)).check()
