@@ -242,11 +242,10 @@ class Exchange:
                 doc = loads_strict(body, max_depth=self.mw.limits.max_depth)
             except Exception as exc:
                 raise http_error(exc, upstream_side=True) from None
-            lowered = {k.lower(): v for k, v in Headers(scope=self.scope).items()}
             report = await decrypt_response(
                 doc,
                 rule,
-                DocScope(self.params, lowered),
+                DocScope(self.params, self.headers),  # the client's, as when encrypting
                 keys=self.mw.keys,
                 pepper=self.mw.pepper,
                 roles=self.roles,

@@ -252,3 +252,49 @@ def test_operations_settings_are_checked(settings: dict[str, Any], message: str)
         config.check()
     if "workers" in settings:
         GatewayConfig(upstream="http://127.0.0.1:1", keyring="k", admin_port=0, **settings).check()
+
+
+async def test_a_context_taken_from_a_header_reads_the_clients_header_on_both_sides(
+    tmp_path: Path, keyring: LocalKeyring
+) -> None:
+    """The gateway rewrites some headers it forwards (Accept-Encoding: identity on routes it
+    decrypts); a context entry taken from such a header must see the client's value when the
+    response is decrypted, as when the request was encrypted, or the echo fails to open."""
+    import httpx
+    import orjson
+    from starlette.types import Receive, Scope, Send
+
+    from phi_gateway.middleware import PHIMiddleware
+    from phi_gateway.policy import load_policies
+
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "echo.yaml").write_text(
+        "version: 1\nname: echo\nrequire_principal: false\nroutes:\n"
+        '  - match: {methods: [PUT], path: "/things/{id}"}\n'
+        "    request:\n      context: {Encoding: {header: Accept-Encoding, kms: plain}}\n"
+        "      encrypt: [$.secret]\n"
+        "    response:\n      context: {Encoding: {header: Accept-Encoding, kms: plain}}\n"
+        "      decrypt: [$.secret]\n"
+    )
+    seen: list[Any] = []
+
+    async def echo(scope: Scope, receive: Receive, send: Send) -> None:
+        body = (await receive())["body"]
+        seen.append((orjson.loads(body), dict(scope["headers"]).get(b"accept-encoding")))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    app = PHIMiddleware(echo, policies=load_policies([policies]), keys=DataKeyCache(keyring))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        answer = await client.put("/things/1", json={"secret": CANARY}, headers={"Accept-Encoding": "gzip"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"secret": CANARY}
+    ((stored, forwarded_encoding),) = seen
+    assert stored["secret"].startswith("phi:") and forwarded_encoding == b"identity"
