@@ -32,7 +32,8 @@ from phi_gateway.pepper import Pepper
 from phi_gateway.policy import load_policies
 from phi_gateway.proxy import ProxyApp, UpstreamSettings
 from phi_gateway.rules import PolicySet
-from phi_gateway.transform import Scope, decrypt_response, encrypt_request, rewrite_query
+from phi_gateway.search import rewrite_query
+from phi_gateway.transform import Scope, decrypt_response, encrypt_request
 
 __all__ = [
     "AwsSettings",

@@ -18,7 +18,8 @@ from phi_gateway.pepper import Pepper
 from phi_gateway.policy import load_policies
 from phi_gateway.policy_file import policy_schema
 from phi_gateway.rules import ContextSpec, PolicySet, RequestRule, ResponseRule, Route
-from phi_gateway.transform import Scope, decrypt_response, encrypt_request, rewrite_query
+from phi_gateway.search import rewrite_query
+from phi_gateway.transform import Scope, decrypt_response, encrypt_request
 
 _POLICIES = click.option(
     "--policies",

@@ -24,7 +24,8 @@ from phi_gateway.identity import Principal
 from phi_gateway.jsonvalue import loads_strict
 from phi_gateway.logs import request_id as logged_request_id
 from phi_gateway.rules import ResponseRule, RouteMatch
-from phi_gateway.transform import Report, decrypt_response, encrypt_request, rewrite_query
+from phi_gateway.search import rewrite_query
+from phi_gateway.transform import Report, decrypt_response, encrypt_request
 from phi_gateway.transform import Scope as DocScope
 
 if TYPE_CHECKING:

@@ -50,6 +50,11 @@ class Pepper:
     def versions(self) -> list[int]:
         return sorted(self._secrets)
 
+    def search_order(self) -> list[int]:
+        """Every version, current first, then the others newest first: the order searches ask
+        for indexes in during an overlap, and decrypt tries pseudonym contexts in."""
+        return [self.current, *sorted((v for v in self._secrets if v != self.current), reverse=True)]
+
     def derive(self, purpose: str, version: int | None = None) -> bytes:
         """A 32-byte key for one purpose (e.g. ``blind-index/patients/ssn_bidx``)."""
         version = self.current if version is None else version

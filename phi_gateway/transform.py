@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode
 
 from phi_gateway import envelope, reveal
 from phi_gateway.aead import IV_BYTES
@@ -30,7 +29,6 @@ from phi_gateway.rules import (
     POLICY_CONTEXT_KEY,
     ContextSpec,
     FieldIndex,
-    QueryRule,
     RequestRule,
     ResponseRule,
 )
@@ -146,12 +144,6 @@ def _single(path: JsonPath, record: Any) -> Any:
     return found[0] if found else None
 
 
-def _versions(pepper: Pepper) -> list[int]:
-    """Every pepper version, current first, then the others newest first: the order searches
-    ask for indexes in and decrypt tries KMS contexts in."""
-    return [pepper.current, *sorted((v for v in pepper.versions if v != pepper.current), reverse=True)]
-
-
 def _indexes(
     rule: FieldIndex, record: dict[str, Any], pepper: Pepper, versions: Sequence[int]
 ) -> list[str] | None:
@@ -197,7 +189,7 @@ async def encrypt_request(
         if rule.blind_indexes or rule.criteria:
             if pepper is None:
                 raise DocumentError("configuration", "blind indexes need a pepper")
-            versions = _versions(pepper)
+            versions = pepper.search_order()
             for index_rule in rule.blind_indexes:
                 written = _indexes(index_rule, record, pepper, versions[:1])  # writes: current only
                 record.pop(index_rule.index.name, None)  # a client cannot supply its own index
@@ -318,7 +310,7 @@ async def decrypt_response(
     report.records = len(records)
     unwrapped: dict[tuple[str, bytes, bytes], DataKey | None] = {}
     pseudonymized = any(e.kms == "pseudonymize" for e in rule.context.kms_entries)
-    older = _versions(pepper)[1:] if pepper is not None and pseudonymized else []
+    older = pepper.search_order()[1:] if pepper is not None and pseudonymized else []
     for slot, ctx in unwrap.items():  # cache hits synchronously, without a task each
         ref, wrapped, _ = slot
         cached = keys.cached_decryption_key(ref, wrapped, ctx.kms)
@@ -423,59 +415,3 @@ def _integrity_failure(
         raise InvalidToken()
     parent[key] = None
     report.redacted[canonical] += 1
-
-
-def _fold(name: str) -> str:
-    return "".join(ch for ch in name.casefold() if ch.isalnum())
-
-
-def rewrite_query(query: str, rules: Sequence[QueryRule], pepper: Pepper | None) -> tuple[str, Counter[str]]:
-    """Replace searched query parameters with their blind indexes; the plaintext never leaves.
-
-    ``query`` is the raw (percent-encoded) query string. Returns the new one and the count
-    of values searched, by index name. Each value becomes one index parameter per pepper
-    version, current first (``ssn_bidx=2:..&ssn_bidx=1:..`` during an overlap), which the
-    upstream must match as OR.
-    """
-    counts: Counter[str] = Counter()
-    if not rules:
-        return query, counts
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, errors="strict")
-    except (UnicodeDecodeError, ValueError):
-        raise DocumentError("query_invalid", "query string is not valid UTF-8 form encoding") from None
-    # Upstream frameworks read "SSN", "ssn[]" or "ssn%00" as "ssn": such a spelling would
-    # carry the plaintext past the rewrite, so it is refused.
-    protected = {name for rule in rules for name in rule.params}
-    folded = {_fold(name): name for name in protected}
-    for name, _ in pairs:
-        if name not in protected and _fold(name) in folded:
-            raise DocumentError("query_ambiguous", f"query parameter spelled like {folded[_fold(name)]!r}")
-    for rule in rules:
-        present = [name for name in rule.params if any(k == name for k, _ in pairs)]
-        if not present:
-            continue
-        if pepper is None:
-            raise DocumentError("configuration", "blind indexes need a pepper")
-        values = [[v for k, v in pairs if k == name] for name in rule.params]
-        if len(rule.params) > 1 and any(len(v) != 1 for v in values):
-            raise DocumentError(
-                "search_incomplete",
-                f"search by {rule.index.name} needs each of {', '.join(rule.params)} once",
-            )
-        versions = _versions(pepper)
-        try:
-            indexes = [
-                rule.index.compute(pepper, list(combo), version)
-                for combo in zip(*values, strict=True)
-                for version in versions
-            ]
-        except NormalizeError as exc:
-            raise DocumentError(
-                "index_value_invalid", f"cannot index query {rule.params[0]!r}: {exc}"
-            ) from None
-        first = next(i for i, (k, _) in enumerate(pairs) if k in rule.params)
-        pairs = [(k, v) for k, v in pairs if k not in rule.params]
-        pairs[first:first] = [(rule.index.name, index) for index in indexes]
-        counts[rule.index.name] += len(values[0])
-    return urlencode(pairs), counts

@@ -21,7 +21,8 @@ from phi_gateway.keys import DataKey, KeyProvider
 from phi_gateway.pepper import Pepper
 from phi_gateway.policy import load_policies
 from phi_gateway.rules import PolicySet
-from phi_gateway.transform import Report, Scope, decrypt_response, encrypt_request, rewrite_query
+from phi_gateway.search import rewrite_query
+from phi_gateway.transform import Report, Scope, decrypt_response, encrypt_request
 
 # Index names are the demo upstream's columns, so its SQLite search can be used as is.
 POLICY = """
