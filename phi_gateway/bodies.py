@@ -22,12 +22,15 @@ class Limits:
     max_inflate_ratio: int = 100  # compressed bodies: inflated size over wire size
     max_depth: int = 64  # JSON nesting
     body_timeout: float = 30.0  # seconds to receive a whole request body
+    # Seconds from forwarding a request to the end of a response the gateway buffers to
+    # decrypt: per-read timeouts alone let an upstream trickling bytes hold it for ever.
+    response_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if min(self.max_body, self.max_response, self.max_inflate_ratio, self.max_depth) < 1:
             raise ValueError("limits must be positive.")
-        if not self.body_timeout > 0:
-            raise ValueError("body_timeout must be positive.")
+        if not (self.body_timeout > 0 and self.response_timeout > 0):
+            raise ValueError("body_timeout and response_timeout must be positive.")
 
 
 class ClientGone(Exception):

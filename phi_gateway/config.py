@@ -64,6 +64,7 @@ class GatewayConfig:
     max_response: int = 16 << 20
     max_depth: int = 64
     body_timeout: float = 30.0
+    response_timeout: float = 60.0
     header_timeout: float = 10.0
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 30.0

@@ -71,6 +71,7 @@ class Exchange:
         self.headers = {k.lower(): v for k, v in Headers(scope=scope).items()}
         self.started_at = time.monotonic()
         self.forwarded_at: float | None = None  # when the request went to the app/upstream
+        self.deadline: asyncio.Timeout | None = None  # for the whole upstream response
         self.upstream_seconds: float | None = None  # until its response head came back
         self.client_status: int | None = None
         self.upstream_status: int | None = None
@@ -128,11 +129,26 @@ class Exchange:
         send = self.send_decrypted if self.route.response is not None else self.send_through
         self.forwarded_at = time.monotonic()
         try:
-            await self.mw.app(self.scope, receive, send)
+            if self.route.response is None:
+                await self.mw.app(self.scope, receive, send)
+            else:
+                await self.buffered(receive, send)
         except Exception as exc:
             if self.client_started:
                 raise  # mid-stream: all we can do is drop the connection
             await self.fail(exc, upstream_side=True)
+
+    async def buffered(self, receive: Receive, send: Send) -> None:
+        """The app's answer on a route whose response is decrypted, within ``response_timeout``
+        until its last byte arrives (sending it on to the client is not timed)."""
+        deadline = self.deadline = asyncio.timeout(self.mw.limits.response_timeout)
+        try:
+            async with deadline:  # expiry cancels the app and surfaces here as TimeoutError
+                await self.mw.app(self.scope, receive, send)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise HTTPError(504, "upstream_timeout", "the upstream's answer took too long") from None
 
     async def fail(self, exc: BaseException, *, upstream_side: bool) -> None:
         error = http_error(exc, upstream_side=upstream_side)
@@ -225,6 +241,8 @@ class Exchange:
             raise HTTPError(502, "upstream_body_too_large", "upstream response is over the gateway's limit")
         self.response_chunks.append(chunk)
         if not message.get("more_body", False):
+            if self.deadline is not None:
+                self.deadline.reschedule(None)  # all of it arrived; decrypting has its own deadlines
             await self.finish_response(rule)
 
     async def finish_response(self, rule: ResponseRule) -> None:

@@ -78,6 +78,7 @@ class Gateway:
                 max_response=config.max_response,
                 max_depth=config.max_depth,
                 body_timeout=config.body_timeout,
+                response_timeout=config.response_timeout,
             ),
             identity=Identity(
                 IdentitySettings(

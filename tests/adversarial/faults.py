@@ -216,9 +216,12 @@ class ScriptedUpstream:
     ``respond(method, path)``, raw bytes sent as they are, then closes the connection; with
     ``hold``, it keeps the connection open without another byte instead."""
 
-    def __init__(self, respond: Callable[[str, str], bytes], *, hold: bool = False) -> None:
+    def __init__(
+        self, respond: Callable[[str, str], bytes], *, hold: bool = False, trickle: float = 0.0
+    ) -> None:
         self.respond = respond
         self.hold = hold
+        self.trickle = trickle  # seconds between bytes of the answer after its head (0: at once)
         self.requests: list[bytes] = []
         self.port = free_port()
         self._runner = LoopThread()
@@ -230,7 +233,16 @@ class ScriptedUpstream:
             body = await reader.readexactly(int(lengths[0].split(b":")[1]) if lengths else 0)
             self.requests.append(head + body)
             method, path, _ = head.split(b" ", 2)
-            writer.write(self.respond(method.decode(), path.decode()))
+            answer = self.respond(method.decode(), path.decode())
+            if self.trickle:  # the head at once, then the body a byte at a time
+                split = answer.index(b"\r\n\r\n") + 4
+                writer.write(answer[:split])
+                for byte in answer[split:]:
+                    await writer.drain()
+                    await asyncio.sleep(self.trickle)
+                    writer.write(bytes((byte,)))
+            else:
+                writer.write(answer)
             await writer.drain()
             if self.hold:
                 await asyncio.sleep(60)

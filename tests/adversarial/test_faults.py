@@ -264,6 +264,26 @@ def test_an_upstream_failing_mid_body_sends_no_partial_plaintext(
     assert "phi:" not in response.text
 
 
+def test_an_upstream_trickling_its_answer_gets_504_at_the_response_deadline(
+    stored_tokens: bytes, secrets_dir: Path
+) -> None:
+    """A byte every 0.1 s never trips the per-read timeout (0.5 s), so only the deadline for
+    the whole response (1 s) ends it: 504, nothing of the body relayed."""
+    answer = _response(200, stored_tokens)
+    with (
+        ScriptedUpstream(lambda method, path: answer, trickle=0.1) as scripted,
+        proxy_deployment(
+            Upstream(scripted.url), secrets_dir, upstream_read_timeout=0.5, response_timeout=1.0
+        ) as gateway,
+        gateway.client() as c,
+    ):
+        response, took = timed(lambda: c.get("/patients/up-1"))
+    assert response.status_code == 504 and error_code(response) == "upstream_timeout"
+    assert took < 1.0 + PROMPT
+    assert_clean(response)
+    assert "phi:" not in response.text
+
+
 @pytest.mark.parametrize("status", [500, 503])
 def test_upstream_5xx_is_relayed_as_it_is_never_decrypted(
     stored_tokens: bytes, secrets_dir: Path, status: int
