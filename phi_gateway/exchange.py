@@ -140,7 +140,8 @@ class Exchange:
 
     async def buffered(self, receive: Receive, send: Send) -> None:
         """The app's answer on a route whose response is decrypted, within ``response_timeout``
-        until its last byte arrives (sending it on to the client is not timed)."""
+        until its last byte arrives; decrypting and sending it on are not timed. (A status the
+        rule does not cover is relayed as it streams, within the same deadline.)"""
         deadline = self.deadline = asyncio.timeout(self.mw.limits.response_timeout)
         try:
             async with deadline:  # expiry cancels the app and surfaces here as TimeoutError
