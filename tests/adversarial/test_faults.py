@@ -39,13 +39,13 @@ from tests.conftest import REGION
 from tests.e2e.conftest import (
     AUTH,
     PHI_CANARIES,
-    POLICIES,
     ThreadServer,
     Upstream,
     assert_no_phi,
     free_port,
     proxy_config,
     proxy_deployment,
+    serve_env,
     wait_for_port,
 )
 
@@ -374,21 +374,14 @@ def test_a_full_disk_under_the_audit_file_blocks_phi_and_loses_nothing(
 def _serve(
     upstream: Upstream, secrets: Path, audit_file: Path, port: int, log: Path
 ) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "PHI_GATEWAY_UPSTREAM": upstream.url,
-        "PHI_GATEWAY_KEYRING": str(secrets / "keyring.json"),
-        "PHI_GATEWAY_PEPPER": str(secrets / "pepper.json"),
-        "PHI_GATEWAY_POLICIES": str(POLICIES),
-        "PHI_GATEWAY_PRINCIPAL_HEADER": "X-User",
-        "PHI_GATEWAY_ROLES_HEADER": "X-Roles",
-        "PHI_GATEWAY_TRUSTED_PROXIES": "127.0.0.1",
-        "PHI_GATEWAY_ADMIN_PORT": "0",
-        "PHI_GATEWAY_AUDIT_SINK": "file",
-        "PHI_GATEWAY_AUDIT_FILE": str(audit_file),
-        "PHI_GATEWAY_AUDIT_CHAIN_KEY_FILE": str(secrets / "chain.key"),
-        "PHI_GATEWAY_LOG_LEVEL": "warning",
-    }
+    env = serve_env(
+        upstream.url,
+        secrets,
+        audit_sink="file",
+        audit_file=audit_file,
+        audit_chain_key_file=secrets / "chain.key",
+        log_level="warning",
+    )
     with log.open("ab") as stderr:
         process = subprocess.Popen(
             [sys.executable, "-m", "phi_gateway", "serve", "--port", str(port)],

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import select
 import signal
 import socket
@@ -31,7 +30,7 @@ import pytest
 
 from phi_gateway import envelope
 from phi_gateway.audit_chain import load_chain_key, verify_chain
-from tests.e2e.conftest import POLICIES, Upstream, free_port, proxy_deployment, wait_for_port
+from tests.e2e.conftest import Upstream, free_port, proxy_deployment, serve_env, wait_for_port
 
 HEADER_TIMEOUT = 2  # seconds; lowered so slowloris is answered within the test
 AUTH = b"X-User: dr-framing\r\nX-Roles: clinician\r\n"
@@ -79,22 +78,15 @@ def served(
     the environment, with the hash-chained audit file and a 2 s head deadline."""
     tmp = tmp_path_factory.mktemp("served")
     port = free_port()
-    env = {
-        **os.environ,
-        "PHI_GATEWAY_UPSTREAM": upstream_process.url,
-        "PHI_GATEWAY_KEYRING": str(secrets_dir / "keyring.json"),
-        "PHI_GATEWAY_PEPPER": str(secrets_dir / "pepper.json"),
-        "PHI_GATEWAY_POLICIES": str(POLICIES),
-        "PHI_GATEWAY_PRINCIPAL_HEADER": "X-User",
-        "PHI_GATEWAY_ROLES_HEADER": "X-Roles",
-        "PHI_GATEWAY_TRUSTED_PROXIES": "127.0.0.1",
-        "PHI_GATEWAY_ADMIN_PORT": "0",
-        "PHI_GATEWAY_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
-        "PHI_GATEWAY_BODY_TIMEOUT": str(HEADER_TIMEOUT),
-        "PHI_GATEWAY_AUDIT_SINK": "file",
-        "PHI_GATEWAY_AUDIT_FILE": str(tmp / "audit.jsonl"),
-        "PHI_GATEWAY_AUDIT_CHAIN_KEY_FILE": str(secrets_dir / "chain.key"),
-    }
+    env = serve_env(
+        upstream_process.url,
+        secrets_dir,
+        header_timeout=HEADER_TIMEOUT,
+        body_timeout=HEADER_TIMEOUT,
+        audit_sink="file",
+        audit_file=tmp / "audit.jsonl",
+        audit_chain_key_file=secrets_dir / "chain.key",
+    )
     output = tmp / "gateway.log"
     with output.open("wb") as sink:
         process = subprocess.Popen(

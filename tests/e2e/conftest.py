@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import socket
 import subprocess
 import sys
@@ -42,6 +43,27 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def serve_env(upstream: str, secrets: Path, **settings: object) -> dict[str, str]:
+    """The environment of ``phi-gateway serve`` as the tests run it: the test keys and pepper,
+    the shipped policies, identity headers trusted from 127.0.0.1 and no admin port.
+    ``settings`` (config names) add or override; None drops one. The runner's own
+    ``PHI_GATEWAY_*`` variables never leak in."""
+    values: dict[str, object] = {
+        "upstream": upstream,
+        "keyring": secrets / "keyring.json",
+        "pepper": secrets / "pepper.json",
+        "policies": POLICIES,
+        "principal_header": "X-User",
+        "roles_header": "X-Roles",
+        "trusted_proxies": "127.0.0.1",
+        "admin_port": 0,
+        **settings,
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PHI_GATEWAY_")}
+    env.update({f"PHI_GATEWAY_{k.upper()}": str(v) for k, v in values.items() if v is not None})
+    return env
 
 
 def wait_for_port(port: int, timeout: float = 15.0) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import ssl
@@ -29,6 +28,7 @@ from tests.e2e.conftest import (
     free_port,
     proxy_config,
     proxy_deployment,
+    serve_env,
     wait_for_port,
 )
 
@@ -183,19 +183,9 @@ def test_unmatched_deny_refuses_other_routes(
 @pytest.fixture(scope="module")
 def served(secrets_dir: Path, upstream_process: Upstream) -> Iterator[str]:
     """``phi-gateway serve`` as shipped, two workers, configured through the environment."""
-    secrets = secrets_dir
     port = free_port()
-    env = {
-        **os.environ,
-        "PHI_GATEWAY_UPSTREAM": upstream_process.url,
-        "PHI_GATEWAY_KEYRING": str(secrets / "keyring.json"),
-        "PHI_GATEWAY_PEPPER": str(secrets / "pepper.json"),
-        "PHI_GATEWAY_POLICIES": str(POLICIES),
-        "PHI_GATEWAY_PRINCIPAL_HEADER": "X-User",
-        "PHI_GATEWAY_ROLES_HEADER": "X-Roles",
-        "PHI_GATEWAY_TRUSTED_PROXIES": "127.0.0.1,::1",
-        "PHI_GATEWAY_ADMIN_PORT": "0",  # two workers: metrics are per process (one worker per container)
-    }
+    # Two workers: no admin port (metrics are per process; one worker per container).
+    env = serve_env(upstream_process.url, secrets_dir, trusted_proxies="127.0.0.1,::1")
     process = subprocess.Popen(
         [sys.executable, "-m", "phi_gateway", "serve", "--port", str(port), "--workers", "2"],
         env=env,
@@ -246,14 +236,13 @@ def test_request_target_that_is_not_a_path_is_refused(secrets_dir: Path, upstrea
 
 
 def test_a_failed_startup_stops_serve(secrets_dir: Path, upstream_process: Upstream) -> None:
-    env = {
-        **os.environ,
-        "PHI_GATEWAY_UPSTREAM": upstream_process.url,
-        "PHI_GATEWAY_KEYRING": str(secrets_dir / "keyring.json"),
-        "PHI_GATEWAY_PEPPER_SECRET_ID": "phi/pepper",
-        "PHI_GATEWAY_AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
-        "PHI_GATEWAY_POLICIES": str(POLICIES),
-    }
+    env = serve_env(
+        upstream_process.url,
+        secrets_dir,
+        pepper=None,
+        pepper_secret_id="phi/pepper",
+        aws_endpoint_url=f"http://127.0.0.1:{free_port()}",
+    )
     done = subprocess.run(
         [sys.executable, "-m", "phi_gateway", "serve", "--port", str(free_port())],
         env=env,
@@ -308,20 +297,7 @@ def test_serve_speaks_tls_when_given_a_certificate(
 ) -> None:
     cert, key = _self_signed(tmp_path)
     port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("PHI_GATEWAY_")},
-        "PHI_GATEWAY_UPSTREAM": upstream_process.url,
-        "PHI_GATEWAY_KEYRING": str(secrets_dir / "keyring.json"),
-        "PHI_GATEWAY_PEPPER": str(secrets_dir / "pepper.json"),
-        "PHI_GATEWAY_POLICIES": str(POLICIES),
-        "PHI_GATEWAY_PRINCIPAL_HEADER": "X-User",
-        "PHI_GATEWAY_ROLES_HEADER": "X-Roles",
-        "PHI_GATEWAY_TRUSTED_PROXIES": "127.0.0.1",
-        "PHI_GATEWAY_ADMIN_PORT": "0",
-        "PHI_GATEWAY_AUDIT_SINK": "none",
-        "PHI_GATEWAY_TLS_CERTFILE": str(cert),
-        "PHI_GATEWAY_TLS_KEYFILE": str(key),
-    }
+    env = serve_env(upstream_process.url, secrets_dir, audit_sink="none", tls_certfile=cert, tls_keyfile=key)
     process = subprocess.Popen(
         [sys.executable, "-m", "phi_gateway", "serve", "--port", str(port)],
         env=env,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -33,6 +32,7 @@ from tests.e2e.conftest import (
     free_port,
     proxy_config,
     proxy_deployment,
+    serve_env,
     wait_for_port,
 )
 
@@ -251,18 +251,13 @@ def test_sighup_reloads_serve_and_logs_are_json(
     policies = tmp_path / "policies"
     shutil.copytree(POLICIES, policies)
     port, admin_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PHI_GATEWAY_")}
-    env.update(
-        PHI_GATEWAY_UPSTREAM=upstream_process.url,
-        PHI_GATEWAY_KEYRING=str(secrets_dir / "keyring.json"),
-        PHI_GATEWAY_PEPPER=str(secrets_dir / "pepper.json"),
-        PHI_GATEWAY_POLICIES=str(policies),
-        PHI_GATEWAY_PRINCIPAL_HEADER="X-User",
-        PHI_GATEWAY_ROLES_HEADER="X-Roles",
-        PHI_GATEWAY_TRUSTED_PROXIES="127.0.0.1",
-        PHI_GATEWAY_ADMIN_PORT=str(admin_port),
-        PHI_GATEWAY_POLICY_RELOAD_INTERVAL="0",  # SIGHUP only
-        PHI_GATEWAY_AUDIT_SINK="none",
+    env = serve_env(
+        upstream_process.url,
+        secrets_dir,
+        policies=policies,
+        admin_port=admin_port,
+        policy_reload_interval=0,  # SIGHUP only
+        audit_sink="none",
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "phi_gateway", "serve", "--port", str(port)],
