@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -76,6 +76,9 @@ class KeySource:
         pseudonyms = Pepper.load(self.pepper).pseudonymizer(self.policy)
         return exact, pseudonyms.kms_context(exact, self.pseudonymize)
 
+    def aws_settings(self) -> AwsSettings:
+        return AwsSettings(region=self.region, endpoint_url=self.endpoint_url, use_fips_endpoint=self.fips)
+
     @asynccontextmanager
     async def provider(self) -> AsyncIterator[KeyProvider]:
         if bool(self.keyring) == bool(self.kms_key_ids):
@@ -83,11 +86,13 @@ class KeySource:
         if self.keyring:
             yield LocalKeyring.load(self.keyring)
             return
-        settings = AwsSettings(
-            region=self.region, endpoint_url=self.endpoint_url, use_fips_endpoint=self.fips
-        )
-        async with KmsKeyProvider(self.kms_key_ids, settings) as kms:
+        async with KmsKeyProvider(self.kms_key_ids, self.aws_settings()) as kms:
             yield kms
+
+
+def parse_headers(items: Iterable[str]) -> dict[str, str]:
+    """``--header NAME:VALUE`` options as a request's headers (names in lower case)."""
+    return {name.strip().lower(): value.strip() for name, _, value in (h.partition(":") for h in items)}
 
 
 _KEY_SOURCE_OPTIONS = [

@@ -10,7 +10,7 @@ import click
 import orjson
 
 from phi_gateway.cache import DataKeyCache
-from phi_gateway.cli import fail, read_stdin, run
+from phi_gateway.cli import fail, parse_headers, read_stdin, run
 from phi_gateway.exceptions import PHIGatewayError, PolicyError
 from phi_gateway.jsonvalue import loads_strict
 from phi_gateway.keyring import LocalKeyring
@@ -171,9 +171,7 @@ def preview(
     if response and not (found.route.response and found.route.response.applies_to(status)):
         click.echo(f"status {status}: the response rule does not apply")
         return
-    scope = Scope(
-        found.params, {n.strip().lower(): v.strip() for n, _, v in (h.partition(":") for h in headers)}
-    )
+    scope = Scope(found.params, parse_headers(headers))
 
     async def go() -> str:
         cache = DataKeyCache(LocalKeyring.load(keyring))

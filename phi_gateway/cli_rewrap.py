@@ -14,8 +14,7 @@ from typing import IO
 import click
 import orjson
 
-from phi_gateway.aws import AwsSettings
-from phi_gateway.cli import KeySource, fail, run
+from phi_gateway.cli import KeySource, fail, parse_headers, run
 from phi_gateway.exceptions import PolicyError
 from phi_gateway.keys import KeyProvider
 from phi_gateway.kms import KmsKeyProvider
@@ -308,8 +307,7 @@ def rewrap(
         if value.startswith("{") and value.endswith("}"):
             # The template itself matched: its text would become every record's context.
             raise click.UsageError(f"the route's context takes {value} from the path: give a real path")
-    pairs = (h.partition(":") for h in headers)
-    scope = Scope(found.params, {name.strip().lower(): value.strip() for name, _, value in pairs})
+    scope = Scope(found.params, parse_headers(headers))
     source = KeySource(
         keyring=keyring,
         kms_key_ids=kms_key_ids,
@@ -329,8 +327,7 @@ def rewrap(
         if pepper:
             peppers = Pepper.load(pepper)
         elif pepper_secret_id:
-            settings = AwsSettings(region=region, endpoint_url=endpoint_url, use_fips_endpoint=fips)
-            peppers = await Pepper.from_secrets_manager(pepper_secret_id, settings)
+            peppers = await Pepper.from_secrets_manager(pepper_secret_id, source.aws_settings())
         async with source.provider() as provider:
             target = _target(provider, kms_key_ids, found.route.key)
             rewrapper = Rewrapper(
