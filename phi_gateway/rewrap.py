@@ -214,8 +214,7 @@ class Rewrapper:
         # cannot depend on the version (None: the current one).
         self._versions: list[int | None] = [None]
         if pepper is not None and pseudonymized and len(pepper.versions) > 1:
-            older = sorted((v for v in pepper.versions if v != pepper.current), reverse=True)
-            self._versions = [pepper.current, *older]
+            self._versions = list(pepper.search_order())
         self._check_current = len(self._versions) > 1 and not trust_current
         self._outcomes: OrderedDict[tuple[str, bytes, bytes], _Moved | str] = OrderedDict()
 
