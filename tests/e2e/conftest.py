@@ -1,16 +1,26 @@
 """Real servers on loopback ports: the demo upstream as its own process, and the gateway
-(standalone proxy, or middleware inside a Starlette app) under uvicorn in a thread."""
+(standalone proxy, or middleware inside a Starlette app) under uvicorn in a thread.
+
+Every server run in a thread here is watched (``ThreadServer``): its error responses, the
+gateway's and uvicorn's log records with their exceptions, its metrics and its audit file are
+swept for canaries when it stops (``canary.py``), and its audit file is checked by
+``phi-gateway audit verify`` (``audit_cli.py``). Every value the gateway encrypts or indexes
+in these tests is registered as a canary.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
+import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+import traceback
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +29,12 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from phi_gateway import envelope
 from phi_gateway.audit import AuditEmitter
-from phi_gateway.audit_chain import ChainedFileSink, create_chain_key_file, load_chain_key, verify_chain
+from phi_gateway.audit_chain import ChainedFileSink, create_chain_key_file, load_chain_key
+from phi_gateway.blindindex import BlindIndex
 from phi_gateway.cache import DataKeyCache
 from phi_gateway.cli_serve import SERVER_OPTIONS
 from phi_gateway.config import GatewayConfig
@@ -30,13 +42,16 @@ from phi_gateway.demo_upstream import create_upstream
 from phi_gateway.gateway import Gateway
 from phi_gateway.identity import Identity, IdentitySettings
 from phi_gateway.keyring import LocalKeyring
+from phi_gateway.logs import Formatter
+from phi_gateway.metrics import Metrics
 from phi_gateway.middleware import PHIMiddleware
 from phi_gateway.pepper import Pepper, create_pepper_file
 from phi_gateway.policy import load_policies
+from tests.e2e import audit_cli, canary
 
 ROOT = Path(__file__).parents[2]
-_AUDIT_FILES = itertools.count(1)
 POLICIES = ROOT / "policies"
+SAMPLES = ROOT / "tests" / "samples"
 
 
 def free_port() -> int:
@@ -75,39 +90,157 @@ def wait_for_port(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
-class ThreadServer:
-    """uvicorn serving an ASGI app on a free loopback port, in a background thread."""
+class LogTap(logging.Handler):
+    """While open, every record of the gateway's loggers (at every level) and of uvicorn's, as
+    ``phi-gateway serve`` would write it, and the full text of any exception it carries:
+    the log format leaves exception messages out, and this proves there was nothing to leave."""
 
-    def __init__(self, app: ASGIApp, **options: Any) -> None:
+    LOGGERS = ("phi_gateway", "uvicorn.error")
+
+    def __init__(self, evidence: canary.Evidence) -> None:
+        super().__init__()
+        self.evidence = evidence
+        self.line = Formatter("json")
+        self.levels: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        where = f"log record ({record.name}, {record.levelname})"
+        try:
+            self.evidence.add(where, self.line.format(record))
+            if record.exc_info and record.exc_info[1] is not None:
+                trace = "".join(traceback.format_exception(record.exc_info[1]))
+                self.evidence.add(f"exception in {where}", trace)
+        except Exception:
+            self.handleError(record)
+
+    def __enter__(self) -> LogTap:
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            self.levels[name] = logger.level
+            logger.addHandler(self)
+        logging.getLogger("phi_gateway").setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, level in self.levels.items():
+            logging.getLogger(name).removeHandler(self)
+            logging.getLogger(name).setLevel(level)
+
+
+class ErrorResponses:
+    """The served app, keeping the head and body of every response with a status of 400 or more."""
+
+    def __init__(self, app: ASGIApp, evidence: canary.Evidence) -> None:
+        self.app = app
+        self.evidence = evidence
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        kept: list[bytes] = []
+        status = 0
+
+        async def keep(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                kept.extend(b"%s: %s\n" % (name, value) for name, value in message.get("headers", []))
+            elif status >= 400:
+                kept.append(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, keep)
+        finally:
+            if status >= 400:
+                self.evidence.add(
+                    f"error response {status} to {scope['method']} {scope['path']}", b"".join(kept)
+                )
+
+
+@dataclass(frozen=True)
+class AuditFile:
+    path: Path
+    chain_key_file: Path
+
+
+class ThreadServer:
+    """uvicorn serving an ASGI app on a free loopback port, in a background thread.
+
+    When it stops, what it left behind is swept for canaries (a leak fails the test): its
+    error responses, its log records, ``metrics`` (scraped just before it stops) and ``audit``
+    (read once drained, then checked by ``phi-gateway audit verify``). A ``Gateway`` brings
+    its own: its admin port's /metrics and its chained audit file."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Callable[[], str] | None = None,
+        audit: AuditFile | None = None,
+        **options: Any,
+    ) -> None:
         self.port = free_port()
+        self.evidence = canary.Evidence()
+        if isinstance(app, Gateway):
+            metrics = metrics or _metrics_of(app)
+            if app.config.audit_sink == "file" and app.config.audit_file:
+                path = Path(app.config.audit_file.replace("{pid}", str(os.getpid())))
+                audit = audit or AuditFile(path, Path(str(app.config.audit_chain_key_file)))
+        self.metrics, self.audit = metrics, audit
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, **{**SERVER_OPTIONS, "log_level": "warning"}, **options
+            ErrorResponses(app, self.evidence),
+            host="127.0.0.1",
+            port=self.port,
+            # uvicorn's default logging config, applied by each new server, would drop the log
+            # tap of one already running
+            **{**SERVER_OPTIONS, "log_level": "warning", "log_config": None},
+            **options,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.logs = LogTap(self.evidence)
 
     def __enter__(self) -> ThreadServer:
+        self.logs.__enter__()
         self.thread.start()
         deadline = time.monotonic() + 15
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
+                self.logs.__exit__()
                 raise RuntimeError("gateway did not start")
             time.sleep(0.02)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+    def __exit__(self, failed: type[BaseException] | None, *exc: object) -> None:
+        try:
+            if failed is None and self.metrics is not None:
+                self.evidence.add("metrics", self.metrics())
+        finally:
+            self.server.should_exit = True
+            self.thread.join(10)
+            self.logs.__exit__()
+        if failed is not None:
+            return  # the test's own failure says more than a sweep would
+        audit = self.audit if self.audit is not None and self.audit.path.exists() else None
+        if audit is not None:
+            self.evidence.add(f"audit file {audit.path.name}", audit.path.read_bytes())
+        self.evidence.assert_clean()
+        if audit is not None:
+            audit_cli.assert_verifies(audit.path, audit.chain_key_file)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
 
-def assert_chain_verifies(path: Path, secrets: Path) -> None:
-    """Every deployment's audit file, once its server has drained it, must verify."""
-    report = verify_chain(path, load_chain_key(secrets / "chain.key"))
-    assert report.ok and not report.torn_tail, f"{path}: {report.message}"
+def _metrics_of(gateway: Gateway) -> Callable[[], str]:
+    """A scrape of the admin port's /metrics, or the same text in-process when it has none."""
+    if gateway.config.admin_port:
+        url = f"http://{gateway.config.admin_host}:{gateway.config.admin_port}/metrics"
+        return lambda: httpx.get(url, timeout=10).raise_for_status().text
+    return lambda: gateway.metrics.render().decode()
 
 
 @dataclass
@@ -133,6 +266,30 @@ def secrets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     create_pepper_file(path / "pepper.json")
     create_chain_key_file(path / "chain.key")
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _phi_is_canaries() -> Iterator[None]:
+    """Every value the gateway encrypts or indexes here is a canary from then on, and so is the
+    shared sample's PHI: the tests that need real formats (an SSN's digits, a phone number to
+    normalize) are swept for their own values."""
+    canary.register([SAMPLE_PATIENT[name] for name in SAMPLE_PHI_FIELDS])
+    canary.register(PHI_CANARIES)
+    serialize, normalized = envelope.serialize_value, BlindIndex.normalized
+
+    def serialize_value(value: Any) -> bytes:
+        canary.register(value)
+        return serialize(value)
+
+    def normalized_value(self: BlindIndex, value: Any) -> str:
+        text = normalized(self, value)
+        canary.register([value, text])
+        return text
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(envelope, "serialize_value", serialize_value)
+        patch.setattr(BlindIndex, "normalized", normalized_value)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -163,6 +320,7 @@ class Deployment:
     store: Any = None  # the middleware's inner store; the proxy's upstream is reached over HTTP
     audit_file: Path | None = None
     admin_url: str | None = None  # the proxy's /healthz, /readyz and /metrics
+    evidence: canary.Evidence | None = None  # what the sweep looks through when it stops
 
     def client(self, *, roles: str = "clinician", **options: Any) -> httpx.Client:
         """A client authenticated by the trusted-proxy headers, as a clinician by default."""
@@ -195,7 +353,7 @@ def proxy_config(upstream: str, secrets: Path, **overrides: Any) -> GatewayConfi
         "break_glass_role": "emergency",
         "audit_sink": "file",
         "audit_chain_key_file": str(secrets / "chain.key"),
-        "audit_file": str(secrets / f"audit-{next(_AUDIT_FILES)}.jsonl"),
+        "audit_file": str(secrets / f"audit-{uuid.uuid4().hex}.jsonl"),
         "admin_port": free_port(),
     }
     return GatewayConfig(**{**settings, **overrides})
@@ -213,9 +371,8 @@ def proxy_deployment(upstream: Upstream, secrets: Path, **overrides: Any) -> Ite
             "proxy",
             audit_file=Path(config.audit_file),
             admin_url=f"http://127.0.0.1:{config.admin_port}",
+            evidence=server.evidence,
         )
-    if config.audit_sink == "file" and Path(config.audit_file).exists():
-        assert_chain_verifies(Path(config.audit_file), secrets)
 
 
 @contextlib.contextmanager
@@ -224,8 +381,10 @@ def middleware_deployment(secrets: Path, tmp: Path, **limits: Any) -> Iterator[D
 
     app = create_upstream(str(tmp / "inner.sqlite"), record=True)
     keys = DataKeyCache(LocalKeyring.load(secrets / "keyring.json"))
-    audit_file = tmp / f"audit-{next(_AUDIT_FILES)}.jsonl"
-    emitter = AuditEmitter(ChainedFileSink(audit_file, load_chain_key(secrets / "chain.key")))
+    audit = AuditFile(tmp / f"audit-{uuid.uuid4().hex}.jsonl", secrets / "chain.key")
+    emitter = AuditEmitter(ChainedFileSink(audit.path, load_chain_key(audit.chain_key_file)))
+    metrics = Metrics()
+    metrics.watch(keys, emitter)
     app.add_middleware(
         PHIMiddleware,
         policies=load_policies([POLICIES]),
@@ -241,10 +400,18 @@ def middleware_deployment(secrets: Path, tmp: Path, **limits: Any) -> Iterator[D
             )
         ),
         audit=emitter,
+        metrics=metrics,
     )
-    with ThreadServer(app) as server:
-        yield Deployment(server.url, Upstream(server.url), keys, "middleware", app.state.store, audit_file)
-    assert_chain_verifies(audit_file, secrets)
+    with ThreadServer(app, metrics=lambda: metrics.render().decode(), audit=audit) as server:
+        yield Deployment(
+            server.url,
+            Upstream(server.url),
+            keys,
+            "middleware",
+            app.state.store,
+            audit.path,
+            evidence=server.evidence,
+        )
 
 
 @pytest.fixture(params=["proxy", "middleware"])
@@ -265,12 +432,28 @@ AUTH = {"X-User": "dr-test", "X-Roles": "clinician"}
 RAW_AUTH = b"X-User: dr-test\r\nX-Roles: clinician\r\n"
 
 PHI_CANARIES = ("123-45-6789", "123456789", "1980-02-29", "García", "penicillin", "E11.9", "201-3344")
+SAMPLE_PATIENT: dict[str, Any] = json.loads((SAMPLES / "patient.json").read_text())
+SAMPLE_PHI_FIELDS = ("first_name", "last_name", "ssn", "dob", "phone", "notes")
 
 
 def assert_no_phi(received: list[dict[str, Any]], canaries: tuple[str, ...] = PHI_CANARIES) -> None:
     text = repr(received)
-    for canary in canaries:
-        assert canary not in text, f"{canary!r} reached the upstream"
+    for value in canaries:
+        assert value not in text, f"{value!r} reached the upstream"
+
+
+def canary_patient(pid: str) -> dict[str, Any]:
+    """The shared sample patient with a fresh canary in every PHI field but the phone, which
+    the phone index must be able to normalize: a random number of its own, registered."""
+    phone = f"+1 555 {uuid.uuid4().int % 10**7:07d}"
+    canary.register(phone)
+    return {
+        **SAMPLE_PATIENT,
+        "id": pid,
+        **{name: canary.new() for name in ("first_name", "last_name", "ssn", "dob", "notes")},
+        "phone": phone,
+        "diagnoses": [{**d, "code": canary.new()} for d in SAMPLE_PATIENT["diagnoses"]],
+    }
 
 
 Checker = Callable[[list[dict[str, Any]]], None]
