@@ -56,7 +56,8 @@ class RequestRule:
     encrypt: tuple[JsonPath, ...]
     blind_indexes: tuple[FieldIndex, ...]
     criteria: tuple[FieldIndex, ...]  # fields replaced by their index (search bodies)
-    # Member names no request key may spell in another case (see jsonvalue.loads_strict).
+    # Member names no request key may spell in another case (see jsonvalue.loads_strict), and
+    # that a body whose records select nothing must not hold (transform: records_missing).
     protected: frozenset[str] = frozenset()
 
 

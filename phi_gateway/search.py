@@ -1,6 +1,6 @@
 """Search rewriting: query parameters that name a protected field are replaced by their blind
 indexes before the request leaves the gateway, so the plaintext never reaches the upstream.
-(JSON search criteria are rewritten with the request body, in ``transform.encrypt_request``.)
+(JSON search criteria are rewritten with the request body: ``indexing.index_record``.)
 """
 
 from __future__ import annotations

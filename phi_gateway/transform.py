@@ -1,5 +1,6 @@
-"""Applying policy rules to parsed JSON: encrypt and index requests, decrypt responses,
-rewrite search queries.
+"""Applying policy rules to parsed JSON: encrypt and index request bodies (indexes and
+search criteria: ``indexing.py``), decrypt response bodies. Query strings are rewritten
+in ``search.py``.
 
 Each document is done in two phases: first everything is located and serialized and
 the data keys it needs are fetched (concurrently, through the shared cache); then every
@@ -18,17 +19,16 @@ from typing import Any, TypeVar
 
 from phi_gateway import envelope, reveal
 from phi_gateway.aead import IV_BYTES
-from phi_gateway.blindindex import NormalizeError
 from phi_gateway.cache import DataKeyCache
 from phi_gateway.context import context_digest, encode_context
 from phi_gateway.exceptions import DocumentError, InvalidToken, UnknownMasterKey, ValueNotEncryptable
+from phi_gateway.indexing import index_record
 from phi_gateway.jsonpath import JsonPath
 from phi_gateway.keys import DataKey
 from phi_gateway.pepper import Pepper
 from phi_gateway.rules import (
     POLICY_CONTEXT_KEY,
     ContextSpec,
-    FieldIndex,
     RequestRule,
     ResponseRule,
 )
@@ -137,34 +137,30 @@ def kms_context(
     return kms
 
 
-def _single(path: JsonPath, record: Any) -> Any:
-    found = path.find(record)
-    if len(found) > 1:
-        raise DocumentError("index_field_ambiguous", f"{path.source} selects more than one value to index")
-    return found[0] if found else None
-
-
-def _indexes(
-    rule: FieldIndex, record: dict[str, Any], pepper: Pepper, versions: Sequence[int]
-) -> list[str] | None:
-    """The record's index under each of ``versions``; None when a source field is missing."""
-    values = [_single(path, record) for path in rule.fields]
-    if any(v is None for v in values):
-        return None
-    try:
-        return [rule.index.compute(pepper, values, version) for version in versions]
-    except NormalizeError as exc:
-        raise DocumentError("index_value_invalid", f"cannot index {rule.fields[0].source}: {exc}") from None
-
-
 def _places(path: JsonPath, record: Any) -> list[tuple[Any, Any]]:
     """Where ``path`` matches in ``record``, as (container, key) to read and write in place."""
     return path.locate(record)
 
 
-def _delete(path: JsonPath, record: Any) -> None:
-    for parent, key in reversed(_places(path, record)):
-        del parent[key]
+def _refuse_unselected(doc: Any, rule: RequestRule) -> None:
+    """Called when ``rule.records`` selects nothing, so nothing would be encrypted: refuse a
+    body holding a member named like a field the rule protects (a bare resource sent where a
+    Bundle was expected), which would otherwise reach the upstream in plaintext. Bodies
+    with nothing to protect (``{"entry": []}``, ``[]``) pass."""
+    folded = {name.casefold() for name in rule.protected}
+    nodes = [doc]
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, dict):
+            if any(key.casefold() in folded for key in node):
+                raise DocumentError(
+                    "records_missing",
+                    f"records at {rule.records.source} select nothing, but the body holds a field "
+                    "this route protects",
+                )
+            nodes.extend(node.values())
+        elif isinstance(node, list):
+            nodes.extend(node)
 
 
 async def encrypt_request(
@@ -185,26 +181,13 @@ async def encrypt_request(
     usage: list[list[int]] = []  # per slot: [uses, bytes]
     prefixes = {path.canonical: envelope.field_prefix(path.canonical) for path in rule.encrypt}
     records = _records(doc, rule.records)
+    if not records:
+        _refuse_unselected(doc, rule)
     for record in records:
         if rule.blind_indexes or rule.criteria:
             if pepper is None:
                 raise DocumentError("configuration", "blind indexes need a pepper")
-            versions = pepper.search_order()
-            for index_rule in rule.blind_indexes:
-                written = _indexes(index_rule, record, pepper, versions[:1])  # writes: current only
-                record.pop(index_rule.index.name, None)  # a client cannot supply its own index
-                if written is not None:
-                    record[index_rule.index.name] = written[0]
-                    report.indexed[index_rule.index.name] += 1
-            for criteria in rule.criteria:
-                searched = _indexes(criteria, record, pepper, versions)
-                for path in criteria.fields:
-                    _delete(path, record)
-                if searched is not None:
-                    # During a pepper overlap stored records carry either version's index: the
-                    # upstream gets a list (current first) to match as OR; otherwise one string.
-                    record[criteria.index.name] = searched if len(searched) > 1 else searched[0]
-                    report.indexed[criteria.index.name] += 1
+            index_record(record, rule, pepper, report.indexed)
         if rule.context is None:
             continue
         ctx = _context(rule.context, record, scope, pepper)

@@ -57,7 +57,9 @@ routes:
       on_error: redact
   - match: {methods: [POST], path: "/patients/search"}
     request:
-      criteria: [{field: "$.ssn", blind_index: ssn_bidx}]
+      criteria:
+        - {field: "$.ssn", blind_index: ssn_bidx}
+        - {fields: ["$.last", "$.dob"], blind_index: last_dob_bidx}
 """
 SHARED = """
 version: 1
@@ -298,6 +300,85 @@ async def test_search_criteria_are_replaced_by_their_index(policies: PolicySet, 
         "limit": 10,
         "ssn_bidx": [index.compute(pepper, ["123456789"], 2), index.compute(pepper, ["123456789"], 1)],
     }
+
+
+async def test_compound_criteria_are_replaced_by_their_index(policies: PolicySet, pepper: Pepper) -> None:
+    doc = {"last": " García ", "dob": "1980-02-29", "limit": 10}
+    search = rule(policies, "POST", "/patients/search", "request")
+    await encrypt_request(doc, search, SCOPE, keys=None, pepper=pepper)  # type: ignore[arg-type]
+    index = search.criteria[1].index
+    values = [" García ", "1980-02-29"]
+    assert doc == {
+        "limit": 10,
+        "last_dob_bidx": [index.compute(pepper, values, 2), index.compute(pepper, values, 1)],
+    }
+
+
+@pytest.mark.parametrize(
+    "criteria",
+    [
+        {"last": "García"},
+        {"dob": "1980-02-29"},
+        {"last": "García", "dob": None},
+        {"ssn": None},
+        {"ssn": "123-45-6789", "last": "García"},
+    ],
+)
+async def test_partial_criteria_are_refused_not_widened(
+    policies: PolicySet, pepper: Pepper, criteria: dict[str, Any]
+) -> None:
+    """Forwarded without the incomplete criterion, the search would match every record."""
+    with pytest.raises(DocumentError) as failure:
+        await encrypt_request(
+            {**criteria, "limit": 10},
+            rule(policies, "POST", "/patients/search", "request"),
+            SCOPE,
+            keys=None,  # type: ignore[arg-type]
+            pepper=pepper,
+        )
+    assert failure.value.code == "search_incomplete"
+    assert "García" not in str(failure.value) and "1980" not in str(failure.value)
+
+
+async def test_search_without_any_criteria_passes(policies: PolicySet, pepper: Pepper) -> None:
+    doc = {"limit": 10}
+    search = rule(policies, "POST", "/patients/search", "request")
+    await encrypt_request(doc, search, SCOPE, keys=None, pepper=pepper)  # type: ignore[arg-type]
+    assert doc == {"limit": 10}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"id": "p-1", "ssn": "123-45-6789"},  # one record sent where a list of them was expected
+        {"id": "p-1", "SSN": "123-45-6789"},  # in another case, as an upstream may read it
+        {"data": [{"patient": {"ssn": "123-45-6789"}}]},  # anywhere in the body
+        {"Items": [{"id": "p-1", "ssn": "123-45-6789"}]},  # the records' member in another case
+    ],
+)
+async def test_a_body_whose_records_select_nothing_is_refused_if_it_holds_protected_fields(
+    policies: PolicySet, keyring: KeyProvider, body: dict[str, Any]
+) -> None:
+    request = rule(policies, "POST", "/patients", "request")
+    with pytest.raises(DocumentError) as failure:
+        await encrypt_request(body, request, SCOPE, keys=DataKeyCache(keyring), pepper=None)
+    assert failure.value.code == "records_missing"
+    assert "$.items[*]" in str(failure.value) and "123" not in str(failure.value)
+
+
+@pytest.mark.parametrize("body", [{}, {"items": []}, {"items": [], "note": "none"}, [], "text", None])
+async def test_a_body_whose_records_select_nothing_passes_when_there_is_nothing_to_protect(
+    policies: PolicySet, keyring: KeyProvider, body: Any
+) -> None:
+    forwarded = copy.deepcopy(body)
+    report = await encrypt_request(
+        forwarded,
+        rule(policies, "POST", "/patients", "request"),
+        SCOPE,
+        keys=DataKeyCache(keyring),
+        pepper=None,
+    )
+    assert forwarded == body and report.records == 0 and not report.encrypted
 
 
 def test_query_rewriting_leaves_no_plaintext(policies: PolicySet, pepper: Pepper) -> None:
