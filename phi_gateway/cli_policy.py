@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -12,6 +13,7 @@ import orjson
 from phi_gateway.cache import DataKeyCache
 from phi_gateway.cli import fail, parse_headers, read_stdin, run
 from phi_gateway.exceptions import PHIGatewayError, PolicyError
+from phi_gateway.jsonpath import JsonPath
 from phi_gateway.jsonvalue import loads_strict
 from phi_gateway.keyring import LocalKeyring
 from phi_gateway.pepper import Pepper
@@ -41,7 +43,13 @@ def policy() -> None:
 @policy.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 def check(paths: tuple[str, ...]) -> None:
-    """Validate policy files (or directories of them); list every problem as file:line."""
+    """Validate policy files (or directories of them); list every problem as file:line.
+
+    Schema problems and the checks beyond the schema are listed in one run, with one
+    limit: a route the schema refuses, or a whole file whose version, name, key,
+    data_key, unmatched, require_principal or routes it refuses, gets no further
+    checks until that is fixed.
+    """
     try:
         policies = load_policies(paths)
     except PolicyError as exc:
@@ -82,6 +90,20 @@ def _context_lines(spec: ContextSpec) -> list[str]:
     return lines
 
 
+def _present(paths: Sequence[JsonPath], record: Any) -> list[bool]:
+    """Whether each path has a non-null value in ``record`` (an index needs every one)."""
+    return [any(value is not None for value in path.find(record)) for path in paths]
+
+
+def _hide_decrypted(doc: Any, rule: ResponseRule) -> None:
+    """Replace each value at a decrypt path by its type and size, as the description shows it."""
+    for record in rule.records.find(doc):
+        for path in rule.decrypt:
+            places: list[tuple[Any, Any]] = path.locate(record)
+            for parent, key in places:
+                parent[key] = f"<{_shape(parent[key])}>"
+
+
 def _describe(route: Route, doc: Any, response: bool) -> list[str]:
     lines = [f"route: {route}", f"policy: {route.policy}"]
     rule: RequestRule | ResponseRule | None = route.response if response else route.request
@@ -103,12 +125,18 @@ def _describe(route: Route, doc: Any, response: bool) -> list[str]:
                 lines.append(f"    {what} {path.canonical}: {_shape(value)}")
         if request is not None:
             for index in request.blind_indexes:
+                if not all(_present(index.fields, record)):
+                    continue  # no index is written, and a client's own is removed
                 sources = ", ".join(p.canonical for p in index.fields)
                 how = ", ".join(index.index.normalize) or "as is"
                 lines.append(f"    index {index.index.name} <- {sources} ({how}, {index.index.bits} bits)")
             for criteria in request.criteria:
+                present = _present(criteria.fields, record)
                 sources = ", ".join(p.canonical for p in criteria.fields)
-                lines.append(f"    search {sources} -> replaced by index {criteria.index.name}")
+                if all(present):
+                    lines.append(f"    search {sources} -> replaced by index {criteria.index.name}")
+                elif any(present):
+                    lines.append(f"    search {sources}: incomplete, refused (search_incomplete)")
     for query in route.query:
         lines.append(f"query: {', '.join(query.params)} -> replaced by index {query.index.name}")
     return lines
@@ -126,6 +154,12 @@ def _describe(route: Route, doc: Any, response: bool) -> list[str]:
     envvar="PHI_GATEWAY_KEYRING",
     type=click.Path(dir_okay=False),
     help="Also run the transform with this local keyring and print the result.",
+)
+@click.option(
+    "--show-plaintext",
+    is_flag=True,
+    help="With --keyring and --response: print decrypted values themselves, not their types and "
+    "lengths. A development aid for sample data under a local keyring; never use it on real PHI.",
 )
 @click.option(
     "--pepper",
@@ -146,10 +180,18 @@ def preview(
     response: bool,
     status: int,
     keyring: str | None,
+    show_plaintext: bool,
     pepper: str | None,
     headers: tuple[str, ...],
 ) -> None:
-    """Show what the policies would do to a sample JSON body read from stdin."""  # fmt: skip
+    """Show what the policies would do to a sample JSON body read from stdin.
+
+    Values are shown as types and lengths. With --keyring the transformed body is printed
+    too: a request's fields as tokens, a response's decrypted fields again as types and
+    lengths unless --show-plaintext is given.
+    """  # fmt: skip
+    if show_plaintext and not (keyring and response):
+        fail("--show-plaintext only applies with --keyring and --response")
     method, _, target = route_text.strip().partition(" ")
     path, _, query = target.strip().partition("?")
     try:
@@ -183,6 +225,8 @@ def preview(
         if doc is not None:
             if response and found.route.response:
                 await decrypt_response(doc, found.route.response, scope, keys=cache, pepper=peppers)
+                if not show_plaintext:
+                    _hide_decrypted(doc, found.route.response)
             elif found.route.request:
                 await encrypt_request(doc, found.route.request, scope, keys=cache, pepper=peppers)
             out.append(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())

@@ -3,8 +3,9 @@
 ``load_policies(paths)`` reads every file, checks it against the schema and then against
 the rules a schema cannot say (declared path parameters, JSONPath syntax, index
 definitions, reveal paths, ambiguous routes), and returns a ``PolicySet`` (``rules.py``) or
-raises ``PolicyError`` listing every problem as ``file:line: message``. Reference:
-docs/policy.md.
+raises ``PolicyError`` listing every problem as ``file:line: message``. Routes the schema
+refuses are not compiled; the rest of their file is, so one run lists both kinds of
+problem. Reference: docs/policy.md.
 """
 
 from __future__ import annotations
@@ -37,12 +38,6 @@ from phi_gateway.rules import (
 )
 
 
-def _member(name: str) -> str:
-    """The canonical path of a record's top-level member ``name``."""
-    quoted = name.replace("\\", "\\\\").replace("'", "\\'")
-    return compile_path(f"$['{quoted}']").canonical
-
-
 class _Compiler:
     """Turns one checked document into routes, collecting every problem instead of stopping."""
 
@@ -55,6 +50,9 @@ class _Compiler:
         self.indexes: dict[str, BlindIndex] = {}
         self.claims: list[_Claim] = []  # every route's (methods, template), broken ones too
         self.index_lines: dict[str, tuple[str | int, ...]] = {}
+        # Routes the schema refused are left out; an index they define is then unknown here,
+        # which is not worth a second, misleading problem.
+        self.refused_routes = {loc[1] for loc in doc.refused if len(loc) > 1 and loc[0] == "routes"}
 
     def fail(self, location: Iterable[str | int], message: str) -> None:
         self.problems.append(self.doc.problem(location, message))
@@ -71,12 +69,12 @@ class _Compiler:
         return compiled
 
     def compile(self) -> list[Route]:
-        routes = self.doc.data["routes"]
+        routes = [(r, raw) for r, raw in enumerate(self.doc.data["routes"]) if r not in self.refused_routes]
         # Index definitions first: query and criteria entries of any route may refer to them.
-        for r, route in enumerate(routes):
-            for i, entry in enumerate(route.get("request", {}).get("blind_index", [])):
+        for r, raw in routes:
+            for i, entry in enumerate(raw.get("request", {}).get("blind_index", [])):
                 self.define_index(entry, ("routes", r, "request", "blind_index", i))
-        return [route for r, raw in enumerate(routes) if (route := self.route(raw, ("routes", r)))]
+        return [route for r, raw in routes if (route := self.route(raw, ("routes", r)))]
 
     def define_index(self, entry: Mapping[str, Any], location: tuple[str | int, ...]) -> None:
         normalize = entry.get("normalize", [])
@@ -98,7 +96,8 @@ class _Compiler:
     def index(self, name: str, location: tuple[str | int, ...], arity: int) -> BlindIndex | None:
         index = self.indexes.get(name)
         if index is None:
-            self.fail(location, f"no blind_index of this policy is written into {name!r}")
+            if not self.refused_routes:
+                self.fail(location, f"no blind_index of this policy is written into {name!r}")
         elif index.arity != arity:
             self.fail(location, f"index {name!r} takes {index.arity} value(s), {arity} given")
             return None
@@ -188,30 +187,25 @@ class _Compiler:
         self, raw: Mapping[str, Any], template: PathTemplate, loc: tuple[str | int, ...]
     ) -> RequestRule:
         records = self.path(raw.get("records", "$"), (*loc, "records"))
-        encrypt = [
-            self.path(t, (*loc, "encrypt", i), field=True) for i, t in enumerate(raw.get("encrypt", []))
-        ]
-        self.no_repeats(encrypt, (*loc, "encrypt"))
-        encrypted = {p.canonical for p in encrypt if p is not None}
+        encrypt = [path for _, path in self.field_paths(enumerate(raw.get("encrypt", [])), (*loc, "encrypt"))]
         indexes = []
         written: set[str] = set()
         for i, entry in enumerate(raw.get("blind_index", [])):
             where = (*loc, "blind_index", i)
             into = entry["into"]
-            if _member(into) in encrypted:
-                self.fail((*where, "into"), f"{into!r} is also encrypted: an index needs its own field")
+            self.not_encrypted(into, encrypt, (*where, "into"))
             if into in written:
                 self.fail((*where, "into"), f"another blind_index of this request already writes {into!r}")
             written.add(into)
             indexes.append(self.field_index(entry, into, where))
-        criteria = [
-            self.field_index(entry, entry["blind_index"], (*loc, "criteria", i))
-            for i, entry in enumerate(raw.get("criteria", []))
-        ]
+        criteria = []
+        for i, entry in enumerate(raw.get("criteria", [])):
+            self.not_encrypted(entry["blind_index"], encrypt, (*loc, "criteria", i, "blind_index"))
+            criteria.append(self.field_index(entry, entry["blind_index"], (*loc, "criteria", i)))
         rule = RequestRule(
             records=records or compile_path("$"),
             context=self.context(raw["context"], template, (*loc, "context")) if "context" in raw else None,
-            encrypt=tuple(p for p in encrypt if p is not None),
+            encrypt=tuple(encrypt),
             blind_indexes=tuple(i for i in indexes if i is not None),
             criteria=tuple(c for c in criteria if c is not None),
         )
@@ -225,21 +219,21 @@ class _Compiler:
         loc: tuple[str | int, ...],
     ) -> ResponseRule:
         records = self.path(raw.get("records", "$"), (*loc, "records"))
-        decrypt = [self.path(t, (*loc, "decrypt", i), field=True) for i, t in enumerate(raw["decrypt"])]
-        self.no_repeats(decrypt, (*loc, "decrypt"))
-        decrypted = {p.canonical for p in decrypt if p is not None}
+        decrypt = [path for _, path in self.field_paths(enumerate(raw["decrypt"]), (*loc, "decrypt"))]
+        decrypted = {p.canonical for p in decrypt}
         reveal = {}
-        for text, rule in raw.get("reveal", {}).items():
-            path = self.path(text, (*loc, "reveal", text), field=True)
-            if path is not None and path.canonical not in decrypted:
+        reveals = raw.get("reveal", {})
+        for text, path in self.field_paths(((text, text) for text in reveals), (*loc, "reveal")):
+            if path.canonical not in decrypted:
                 self.fail((*loc, "reveal", text), "reveal names a field that decrypt does not list")
-            elif path is not None:
+            else:
+                rule = reveals[text]
                 reveal[path.canonical] = Reveal(frozenset(rule["roles"]), rule.get("otherwise", "mask"))
         status = match.get("status")
         return ResponseRule(
             records=records or compile_path("$"),
             context=self.context(raw["context"], template, (*loc, "context")),
-            decrypt=tuple(p for p in decrypt if p is not None),
+            decrypt=tuple(decrypt),
             reveal=reveal,
             on_error=raw.get("on_error", "fail"),
             status=frozenset(status) if status else None,
@@ -261,13 +255,36 @@ class _Compiler:
                 )
         return QueryRule(params, index)
 
-    def no_repeats(self, paths: Sequence[JsonPath | None], loc: tuple[str | int, ...]) -> None:
+    def field_paths(
+        self, entries: Iterable[tuple[str | int, str]], loc: tuple[str | int, ...]
+    ) -> list[tuple[str | int, JsonPath]]:
+        """Compile the field paths of a list (keyed by index) or mapping (keyed by the path
+        text), refusing a second spelling of a field (``$.ssn`` and ``$['ssn']``): with two
+        rules for one field, which one applies would depend on their order."""
+        found: list[tuple[str | int, JsonPath]] = []
         seen: set[str] = set()
-        for i, path in enumerate(paths):
-            if path is not None:
-                if path.canonical in seen:
-                    self.fail((*loc, i), f"{path.source!r} selects the same field as an earlier entry")
-                seen.add(path.canonical)
+        for key, text in entries:
+            path = self.path(text, (*loc, key), field=True)
+            if path is None:
+                continue
+            if path.canonical in seen:
+                self.fail((*loc, key), f"{path.source!r} selects the same field as an earlier entry")
+                continue
+            seen.add(path.canonical)
+            found.append((key, path))
+        return found
+
+    def not_encrypted(self, name: str, encrypt: Sequence[JsonPath], location: tuple[str | int, ...]) -> None:
+        """An index is written into the record member ``name`` before the record is encrypted:
+        no encrypt path may select that member, however spelled (``$.*``, ``$..name``), or the
+        index would be sealed into a token. Each path is tried on records holding only the
+        index, as a string and (criteria during a pepper overlap) as a list."""
+        for path in encrypt:
+            if any(path.locate(probe) for probe in ({name: "0"}, {name: ["0"]})):
+                self.fail(
+                    location, f"{name!r} is also encrypted (by {path.source!r}): an index needs its own field"
+                )
+                return
 
 
 # A path's last member name, before any trailing [*], [n] or .* steps.
@@ -314,14 +331,32 @@ class _Claim:
         return f"{'|'.join(sorted(self.methods))} {self.template.text} ({self.file}:{self.line})"
 
 
+def _folded(shape: tuple[str | None, ...]) -> tuple[str | None, ...]:
+    """A template's shape as matching sees it: literal segments match whatever their case."""
+    return tuple(segment and segment.casefold() for segment in shape)
+
+
 def _ambiguities(claims: Sequence[_Claim]) -> list[Problem]:
     """Two routes whose templates have the same shape and share a method match the same requests."""
     problems = []
     for i, a in enumerate(claims):
         for b in claims[i + 1 :]:
-            if a.template.shape == b.template.shape and a.methods & b.methods:
+            if _folded(a.template.shape) == _folded(b.template.shape) and a.methods & b.methods:
                 problems.append(Problem(b.file, b.line, f"route {b} matches the same requests as {a}"))
     return problems
+
+
+# What the compiler reads outside routes: a schema problem there stops the file's compilation.
+_FILE_KEYS = frozenset({"version", "name", "key", "data_key", "unmatched", "require_principal", "routes"})
+
+
+def _compilable(doc: PolicyDocument) -> bool:
+    """Whether every schema problem of ``doc`` is inside one route (that route is left out)
+    or an unknown top-level key, so the rest can be compiled for its own problems."""
+    return all(
+        (len(loc) > 1 and loc[0] == "routes") or (len(loc) == 1 and loc[0] not in _FILE_KEYS)
+        for loc in doc.refused
+    )
 
 
 def load_policies(paths: Iterable[str | Path]) -> PolicySet:
@@ -338,7 +373,7 @@ def load_policies(paths: Iterable[str | Path]) -> PolicySet:
     for file in files:
         doc, found = read_policy_file(file)
         problems += found
-        if doc is None or found:
+        if doc is None or not _compilable(doc):
             continue
         compiler = _Compiler(doc)
         compiled = compiler.compile()

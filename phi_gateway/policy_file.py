@@ -36,6 +36,7 @@ class PolicyDocument:
     file: str
     data: Any
     lines: dict[Location, int] = field(default_factory=dict)
+    refused: list[Location] = field(default_factory=list)  # where the schema found a problem
 
     def line(self, location: Iterable[str | int]) -> int:
         """The line of ``location``, or of its nearest ancestor that has one."""
@@ -172,18 +173,20 @@ def _schema_problems(document: PolicyDocument) -> list[Problem]:
     for error in sorted(
         _validator().iter_errors(document.data), key=lambda e: list(map(str, e.absolute_path))
     ):
-        problems.extend(_explain(document, error))
+        for location, message in _explain(error):
+            document.refused.append(location)
+            problems.append(document.problem(location, message))
     return problems
 
 
-def _explain(document: PolicyDocument, error: jsonschema.ValidationError) -> list[Problem]:
+def _explain(error: jsonschema.ValidationError) -> list[tuple[Location, str]]:
     location = tuple(error.absolute_path)
     schema: Any = error.schema
     rule: Any = error.validator_value
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         allowed = set(schema.get("properties", {}))
         return [
-            document.problem((*location, key), f"unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
+            ((*location, key), f"unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
             for key in error.instance
             if key not in allowed
         ]
@@ -191,11 +194,11 @@ def _explain(document: PolicyDocument, error: jsonschema.ValidationError) -> lis
         exclusive = [next(iter(b["required"])) for b in rule if "required" in b]
         present = [key for key in exclusive if key in error.instance]
         if exclusive and len(present) != 1:
-            return [document.problem(location, f"give exactly one of: {', '.join(exclusive)}")]
+            return [(location, f"give exactly one of: {', '.join(exclusive)}")]
     if error.context:  # oneOf/anyOf: explain the branch that got furthest
         # A branch of the wrong type says least about what the author meant.
         typed = [e for e in error.context if e.validator != "type"] or error.context
         best = jsonschema.exceptions.best_match(typed)
         if best is not None:
-            return _explain(document, best)
-    return [document.problem(location, error.message)]
+            return _explain(best)
+    return [(location, error.message)]

@@ -115,7 +115,7 @@ def test_check_lists_every_problem_of_the_broken_set() -> None:
     *lines, count = done.stderr.splitlines()
     assert lines == expected
     assert count == f"{len(expected)} problem(s)"
-    assert len(lines) == 20
+    assert len(lines) == 21
     assert all(re.fullmatch(r"tests/policies/broken/[a-z-]+\.yaml:[0-9]+: \S.*", line) for line in lines)
     assert (
         "tests/policies/broken/mistakes.yaml:7: routes[0].request.context.ResourceId: "
@@ -265,3 +265,83 @@ def test_preview_with_keys_gives_the_same_index_to_the_query_and_the_record(keys
     assert (
         f"query sent upstream: ssn_bidx={quote(stored['ssn_bidx'], safe='')}" in searched.stdout.splitlines()
     )
+
+
+def _stored_patient(keys: tuple[str, ...]) -> Path:
+    """The sample patient as the upstream stores it, written next to the keys."""
+    done = preview("PUT /patients/p-1001", PATIENT, *keys)
+    assert done.returncode == 0, done.stderr
+    stored = Path(keys[1]).parent / "stored-patient.json"
+    stored.write_text(json.dumps(_transformed(done.stdout)), encoding="utf-8")
+    return stored
+
+
+def test_preview_of_a_response_with_keys_shows_decrypted_fields_as_types_and_lengths(
+    keys: tuple[str, ...],
+) -> None:
+    done = preview("GET /patients/p-1001", _stored_patient(keys), "--response", *keys)
+    assert done.returncode == 0, done.stderr
+    body = _transformed(done.stdout)
+    assert (body["ssn"], body["dob"], body["notes"]) == (
+        "<string (11 chars)>",
+        "<string (10 chars)>",
+        "<string (45 chars)>",
+    )
+    assert [d["code"] for d in body["diagnoses"]] == ["<string (5 chars)>", "<string (3 chars)>"]
+    assert (body["id"], body["weight_kg"], body["insurance"]) == ("p-1001", 71.5, None)
+    assert_no_phi(done.stdout + done.stderr, phi_values(PATIENT) | {"123456789", "5552013344"})
+
+
+def test_preview_of_a_response_shows_plaintext_only_when_asked(keys: tuple[str, ...]) -> None:
+    done = preview("GET /patients/p-1001", _stored_patient(keys), "--response", "--show-plaintext", *keys)
+    assert done.returncode == 0, done.stderr
+    body = _transformed(done.stdout)
+    original = json.loads(PATIENT.read_text(encoding="utf-8"))
+    assert {k: v for k, v in body.items() if not k.endswith("_bidx")} == original
+
+
+@pytest.mark.parametrize("options", [("--show-plaintext",), ("--show-plaintext", "--response")])
+def test_show_plaintext_needs_a_keyring_and_a_response(options: tuple[str, ...]) -> None:
+    done = preview("GET /patients/p-1001", PATIENT, *options)
+    assert done.returncode == 1
+    assert "--show-plaintext only applies with --keyring and --response" in done.stderr
+
+
+def test_show_plaintext_does_not_apply_to_a_request(keys: tuple[str, ...]) -> None:
+    done = preview("PUT /patients/p-1001", PATIENT, "--show-plaintext", *keys)
+    assert done.returncode == 1
+    assert_no_phi(done.stdout + done.stderr, phi_values(PATIENT))
+
+
+def test_preview_lists_an_index_only_where_its_fields_are_present(tmp_path: Path) -> None:
+    patient = json.loads(PATIENT.read_text(encoding="utf-8"))
+    del patient["dob"]
+    patient["phone"] = None
+    sample = tmp_path / "patient.json"
+    sample.write_text(json.dumps(patient), encoding="utf-8")
+    done = preview("PUT /patients/p-1001", sample)
+    assert done.returncode == 0, done.stderr
+    indexes = [line.strip() for line in done.stdout.splitlines() if line.strip().startswith("index ")]
+    assert indexes == ["index ssn_bidx <- $.ssn (digits, 32 bits)"]
+
+
+@pytest.mark.parametrize(
+    ("criteria", "expected"),
+    [
+        ({"ssn": SSN}, ["search $.ssn -> replaced by index ssn_bidx"]),
+        (
+            {"last_name": "García", "dob": "1980-02-29"},
+            ["search $.last_name, $.dob -> replaced by index name_dob_bidx"],
+        ),
+        ({"last_name": "García"}, ["search $.last_name, $.dob: incomplete, refused (search_incomplete)"]),
+        ({"limit": 5}, []),
+    ],
+)
+def test_preview_of_search_criteria(tmp_path: Path, criteria: dict[str, Any], expected: list[str]) -> None:
+    sample = tmp_path / "criteria.json"
+    sample.write_text(json.dumps(criteria), encoding="utf-8")
+    done = preview("POST /patients/search", sample)
+    assert done.returncode == 0, done.stderr
+    assert [
+        line.strip() for line in done.stdout.splitlines() if line.strip().startswith("search ")
+    ] == expected
