@@ -338,12 +338,12 @@ def served_by_jsonpath_ng(text: str) -> JsonPath:
 
 @given(DOCS, SIMPLE_PATHS)
 def test_walker_finds_what_jsonpath_ng_finds(doc: Any, text: str) -> None:
-    """The walker agrees with jsonpath-ng (the version installed, 1.16) on every simple path.
+    """The walker agrees with jsonpath-ng on every simple path.
 
     The only case excluded is `$.where` / `$.wherenot` in dot spelling, which jsonpath-ng
-    cannot parse (reserved words); `spell` quotes those names instead. Older jsonpath-ng
-    releases, which the dependency floor still admits, differ where our semantics are the
-    sensible ones and this test would fail on them:
+    cannot parse (reserved words); `spell` quotes those names instead. The dependency floor
+    is jsonpath-ng 1.16 because older releases differ where our semantics are the sensible
+    ones, and this test fails on them:
 
     - before 1.9, `[0]` on an object and `[-5]` on a short array raise instead of matching
       nothing;
