@@ -18,25 +18,32 @@ from tests.test_policy import line_of, one_problem, problems_of, routes_policy, 
 # --- an index written into a member some encrypt path selects ---------------------------------
 
 
+def indexed_policy(encrypt: str) -> str:
+    """One route encrypting ``encrypt`` and writing a blind index into ``ssn_bidx``."""
+    return routes_policy(f"""
+        - match: {{methods: [PUT], path: "/things/{{id}}"}}
+          request:
+            context: {{Purpose: test}}
+            encrypt: ["{encrypt}"]
+            blind_index:
+              - field: "$.ssn"
+                into: ssn_bidx
+                bits: 32
+    """)
+
+
 @pytest.mark.parametrize("encrypt", ["$.*", "$[*]", "$..ssn_bidx", "$['ssn_bidx']", "$.ssn_bidx[*]"])
 def test_blind_index_into_a_member_any_encrypt_path_selects(tmp_path: Path, encrypt: str) -> None:
-    path = write(
-        tmp_path,
-        "p.yaml",
-        routes_policy(f"""
-            - match: {{methods: [PUT], path: "/things/{{id}}"}}
-              request:
-                context: {{Purpose: test}}
-                encrypt: ["{encrypt}"]
-                blind_index:
-                  - field: "$.ssn"
-                    into: ssn_bidx
-                    bits: 32
-        """),
-    )
+    path = write(tmp_path, "p.yaml", indexed_policy(encrypt))
     problem = one_problem(path)
     assert problem.line == line_of(path, "into: ssn_bidx")
     assert f"into: 'ssn_bidx' is also encrypted (by {encrypt!r})" in problem.message
+
+
+@pytest.mark.parametrize("encrypt", ["$.ssn", "$.ssn_bidx_old", "$.*.ssn_bidx", "$[?(@.ssn_bidx)].x"])
+def test_encrypt_paths_beside_the_index_member_are_accepted(tmp_path: Path, encrypt: str) -> None:
+    write(tmp_path, "p.yaml", indexed_policy(encrypt))
+    assert len(load_policies([tmp_path]).routes) == 1
 
 
 def test_criteria_index_into_a_member_an_encrypt_path_selects(tmp_path: Path) -> None:
@@ -61,23 +68,6 @@ def test_criteria_index_into_a_member_an_encrypt_path_selects(tmp_path: Path) ->
     problem = one_problem(path)
     assert problem.line == line_of(path, '- {field: "$.ssn", blind_index: ssn_bidx}')
     assert "criteria[0].blind_index: 'ssn_bidx' is also encrypted (by '$.*')" in problem.message
-
-
-@pytest.mark.parametrize("encrypt", ["$.ssn", "$.ssn_bidx_old", "$.*.ssn_bidx", "$[?(@.ssn_bidx)].x"])
-def test_encrypt_paths_beside_the_index_member_are_accepted(tmp_path: Path, encrypt: str) -> None:
-    write(
-        tmp_path,
-        "p.yaml",
-        routes_policy(f"""
-            - match: {{methods: [PUT], path: "/things/{{id}}"}}
-              request:
-                context: {{Purpose: test}}
-                encrypt: ["{encrypt}"]
-                blind_index:
-                  - {{field: "$.ssn", into: ssn_bidx, bits: 32}}
-        """),
-    )
-    assert len(load_policies([tmp_path]).routes) == 1
 
 
 # --- reveal keys ------------------------------------------------------------------------------
