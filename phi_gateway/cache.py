@@ -1,13 +1,18 @@
 """The shared async data-key cache in front of a ``KeyProvider``.
 
-Encrypt side: one data key per (master key, KMS context), reused until its age, use
-count or byte count runs out, so a burst of writes for one context costs one KMS call.
-Decrypt side: unwrapped keys by (master key, wrapped key, KMS context), so a list of
-100 records under one data key costs one KMS Decrypt. Both are LRU-bounded.
+Encrypt side: one data key per (master key, SHA-256 of the KMS context), reused until its
+age, use count or byte count runs out, so a burst of writes for one context costs one KMS
+call. Decrypt side: unwrapped keys under a SHA-256 of (master key, wrapped key, KMS
+context), so a list of 100 records under one data key costs one KMS Decrypt. Both are
+LRU-bounded.
 
 Single-flight: concurrent misses for one key share one provider call, run as its own
-task so that a caller who goes away does not cancel it for the others. A failure
-reaches every waiter and is never cached.
+task so that a caller who goes away does not cancel it for the others. Its failure
+reaches every waiter. An outage, throttling or a refused access (any ``KeyAccessError``)
+is never cached: the next request asks the provider again. One answer is remembered: a
+wrapped key the provider refuses as invalid (``InvalidToken``: it does not open under that
+master key and context) is answered from memory for ``REFUSAL_TTL`` (60 s), so a forged
+or moved token read in a loop cannot turn into one KMS call per read.
 """
 
 from __future__ import annotations
@@ -83,7 +88,9 @@ class _Entry:
         self.bytes = 0
 
 
-REFUSAL_TTL = 60.0  # seconds a wrapped key that did not open is answered from memory
+# Seconds a wrapped key that did not open (InvalidToken) is refused from memory, per
+# (master key, wrapped key, KMS context). Outages and access errors are never remembered.
+REFUSAL_TTL = 60.0
 
 
 class DataKeyCache:

@@ -10,7 +10,14 @@ import pytest
 from phi_gateway import envelope
 from phi_gateway.cache import REFUSAL_TTL, DataKeyCache
 from phi_gateway.context import Context
-from phi_gateway.exceptions import InvalidToken, KeyUnavailable
+from phi_gateway.exceptions import (
+    InvalidToken,
+    KeyAccessDenied,
+    KeyAccessError,
+    KeyThrottled,
+    KeyUnavailable,
+    UnknownMasterKey,
+)
 from phi_gateway.keys import DataKey, KeyProvider
 from phi_gateway.kms import KmsKeyProvider
 
@@ -33,6 +40,7 @@ class Counting:
         self.generated = 0
         self.decrypted = 0
         self.fail_next = 0
+        self.failure: type[KeyAccessError] = KeyUnavailable
         self.gate: asyncio.Event | None = None
 
     @property
@@ -44,7 +52,7 @@ class Counting:
             await self.gate.wait()
         if self.fail_next:
             self.fail_next -= 1
-            raise KeyUnavailable("injected outage")
+            raise self.failure("injected failure")
 
     async def generate_data_key(self, master_key: str, context: Context) -> DataKey:
         self.generated += 1
@@ -201,14 +209,18 @@ async def test_a_key_that_does_not_open_is_refused_from_memory_for_a_while(count
     assert counting.decrypted == 3  # asked again once the refusal aged
 
 
-async def test_an_outage_is_not_remembered_as_a_refusal(counting: Counting) -> None:
+@pytest.mark.parametrize("failure", [KeyUnavailable, KeyThrottled, KeyAccessDenied, UnknownMasterKey])
+async def test_an_outage_or_access_error_is_never_remembered(
+    counting: Counting, failure: type[KeyAccessError]
+) -> None:
+    # Only InvalidToken is remembered (REFUSAL_TTL); anything else is asked again at once.
     key = await DataKeyCache(counting.inner).encryption_key(CONTEXT)
     cache = DataKeyCache(counting)
-    counting.fail_next = 1
-    with pytest.raises(KeyUnavailable):
+    counting.fail_next, counting.failure = 1, failure
+    with pytest.raises(failure):
         await cache.decryption_key(key.key_ref, key.wrapped, CONTEXT)
     assert await cache.decryption_key(key.key_ref, key.wrapped, CONTEXT)
-    assert cache.stats.refusals == 0
+    assert cache.stats.refusals == 0 and counting.decrypted == 2
 
 
 async def test_decrypt_side_ttl(counting: Counting) -> None:
