@@ -177,13 +177,34 @@ def _check_plain_json(value: Any) -> None:
             raise ValueNotEncryptable(f"a {kind.__name__} is not a plain JSON value")
 
 
+def _why_orjson_refused(value: Any) -> str:
+    """Which of the three things orjson refuses, in a value ``_check_plain_json`` passed.
+    Only on that error path, so the common path pays for none of these checks."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is str:
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a string holds a lone surrogate, which is not valid Unicode"
+        elif type(item) is int and not -(2**63) <= item < 2**64:
+            return "integer beyond 64 bits"
+        elif type(item) is dict:
+            stack.extend(item)
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+    return "nesting too deep"
+
+
 def serialize_value(value: Any) -> bytes:
     """The exact JSON text of a value; refuses anything that would not round-trip."""
     _check_plain_json(value)
     try:
         return orjson.dumps(value)
     except orjson.JSONEncodeError:
-        raise ValueNotEncryptable("integer beyond 64 bits, or nesting too deep") from None
+        raise ValueNotEncryptable(_why_orjson_refused(value)) from None
 
 
 def seal(key: DataKey, header: bytes, plaintext: bytes, aad: bytes, iv: bytes) -> str:

@@ -4,6 +4,8 @@ import base64
 import datetime
 import enum
 import json
+import math
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from phi_gateway.keys import DataKey, KeyProvider
 from phi_gateway.kms import KmsKeyProvider
 
 VECTORS = Path(__file__).parent / "vectors" / "envelope_v1.json"
+DOC = Path(__file__).parent.parent / "docs" / "envelope.md"
 CONTEXT = {"ResourceId": "patient-123", "Purpose": "PHI_Storage"}
 FIELD = "$.ssn"
 
@@ -299,3 +302,64 @@ def test_messages_and_reprs_never_carry_secrets() -> None:
     with pytest.raises(PHIGatewayError) as failure:
         envelope.decrypt(key, token, context={}, field=FIELD)
     assert str(failure.value) == "invalid token"
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        ("\ud800", "lone surrogate"),
+        ({"\udc00": "x"}, "lone surrogate"),
+        ([1, {"a": ["ok", "\ud83d"]}], "lone surrogate"),
+        (2**64, "beyond 64 bits"),
+        (DEEP, "nesting too deep"),
+    ],
+    ids=["string", "key", "nested", "integer", "depth"],
+)
+def test_a_refusal_names_the_problem_and_never_the_value(value: Any, kind: str) -> None:
+    with pytest.raises(ValueNotEncryptable) as failure:
+        envelope.serialize_value(value)
+    message = str(failure.value)
+    assert kind in message
+    for shown in ("\ud800", "\\ud800", "udc00", "ud83d", str(2**64)):
+        assert shown not in message
+
+
+def test_the_documented_example_token_is_vector_one() -> None:
+    doc = DOC.read_text(encoding="utf-8")
+    example = re.search(r"^(phi:\S+)…$", doc, re.MULTILINE)
+    assert example is not None
+    first = json.loads(VECTORS.read_text())[0]
+    assert first["token"].startswith(example.group(1))
+    assert len(bytes.fromhex(first["wrapped_key"])) == 41 and "synthetic 41-byte wrapped key" in doc
+
+
+def _size_row(doc: str, label: str) -> list[int]:
+    """The numbers of one row of docs/envelope.md's size table: key reference, wrapped
+    key, binary, token text (the number each cell starts with, "≈" allowed)."""
+    row = next(line for line in doc.splitlines() if line.startswith(f"| {label} "))
+    cells = row.strip().strip("|").split("|")[1:]
+    return [int(re.fullmatch(r"\s*≈?(\d+) .*", cell).group(1)) for cell in cells]  # type: ignore[union-attr]
+
+
+def _sizes(token: str) -> list[int]:
+    parsed = envelope.parse(token)
+    return [len(parsed.key_ref.encode()), len(parsed.wrapped_key), len(raw(token)), len(token)]
+
+
+async def test_the_size_table_is_what_the_code_makes(keyring: KeyProvider, kms: KmsKeyProvider) -> None:
+    ssn = "123-45-6789"
+    doc = DOC.read_text(encoding="utf-8")
+    assert len(envelope.serialize_value(ssn)) == 13 and "13 bytes of JSON" in doc
+    measured = {}
+    for label, provider in (("local keyring", keyring), ("AWS KMS via moto's server", kms)):
+        measured[label] = _sizes(await seal(provider, ssn))
+        assert _size_row(doc, label) == measured[label], label
+
+    def formula(key_ref: int, wrapped: int) -> list[int]:
+        binary = 33 + key_ref + wrapped + 13
+        return [key_ref, wrapped, binary, 4 + math.ceil(binary * 4 / 3)]
+
+    for label, sizes in measured.items():
+        assert formula(*sizes[:2]) == sizes, label  # the documented formula is the code's
+    real = _size_row(doc, "AWS KMS, real service")
+    assert real == formula(measured["AWS KMS via moto's server"][0], 184)
