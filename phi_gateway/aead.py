@@ -30,7 +30,7 @@ class Aead:
     def __repr__(self) -> str:
         return "Aead(<AES-256-GCM key hidden>)"
 
-    def seal(self, iv: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    def seal(self, iv: bytes, plaintext: bytes | bytearray, aad: bytes) -> bytes:
         """Return ciphertext followed by the 16-byte tag."""
         if len(iv) != IV_BYTES:
             raise ValueError("AES-GCM IV must be 12 bytes.")

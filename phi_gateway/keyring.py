@@ -149,9 +149,10 @@ class LocalKeyring:
     def _aad(key_ref: str, context: Context) -> bytes:
         return _WRAP_LABEL + encode_context({"master_key": key_ref}) + encode_context(context)
 
-    def _wrap(self, key_ref: str, plaintext: bytes | bytearray, context: Context) -> bytes:
+    def _wrap(self, key_ref: str, plaintext: bytearray, context: Context) -> bytes:
         iv = secrets.token_bytes(IV_BYTES)
-        sealed = self._aead(key_ref).seal(iv, bytes(plaintext), self._aad(key_ref, context))
+        # The caller's bytearray goes in as is (no immutable copy), and its caller zeroes it.
+        sealed = self._aead(key_ref).seal(iv, plaintext, self._aad(key_ref, context))
         return _WRAP_VERSION + iv + sealed
 
     def _unwrap(self, key_ref: str, wrapped: bytes, context: Context) -> bytearray:
@@ -159,9 +160,12 @@ class LocalKeyring:
         if wrapped[:1] != _WRAP_VERSION:
             raise InvalidToken()
         iv, sealed = wrapped[1 : 1 + IV_BYTES], wrapped[1 + IV_BYTES :]
+        # AESGCM.decrypt returns immutable bytes, dropped at once (decrypt_into, which would
+        # write into our bytearray, is newer than the cryptography versions we support).
         return bytearray(aead.open(iv, sealed, self._aad(key_ref, context)))
 
     async def generate_data_key(self, master_key: str, context: Context) -> DataKey:
+        # token_bytes' immutable result is dropped at once; DataKey zeroes the bytearray.
         plaintext = bytearray(secrets.token_bytes(KEY_BYTES))
         wrapped = self._wrap(master_key, plaintext, context)
         return DataKey(master_key, wrapped, plaintext)
