@@ -184,6 +184,20 @@ def test_pseudonymizer_is_per_policy_and_stable(rotated: Pepper) -> None:
     assert "patient-123" not in patients
 
 
+def test_pseudonym_under_a_pepper_is_the_documented_derivation() -> None:
+    # docs/pepper.md: HKDF-SHA256(pepper, salt "phi-gateway/pepper/v1", info
+    # "context-pseudonym/POLICY") keys the pseudonym HMAC. Literals computed once with OpenSSL:
+    #   openssl kdf -keylen 32 -kdfopt digest:SHA256 -kdfopt hexkey:<SECRET_V1 hex>
+    #     -kdfopt salt:phi-gateway/pepper/v1 -kdfopt info:context-pseudonym/patients HKDF
+    #   printf '\x00\x01\x00\x09PatientId\x00\x0bpatient-123' |
+    #     openssl dgst -sha256 -mac HMAC -macopt hexkey:<derived> -binary | head -c 18 | base64 | tr '+/' '-_'
+    pepper = Pepper({1: SECRET_V1}, current=1)
+    derived = "d57bb9aac275d35929dca0bed3a9e1f75ed8f8b34fd4c6ebf1aeb109c7fcacf3"
+    assert pepper.derive("context-pseudonym/patients").hex() == derived
+    pseudonym = pepper.pseudonymizer("patients").pseudonym("PatientId", "patient-123")
+    assert pseudonym == "p1.x_89slOpTpd-3ZFJS0BDaHv7"
+
+
 async def _put_secret(moto_url: str, value: str | bytes) -> str:
     secret_id = f"phi-gateway/pepper/{uuid.uuid4()}"
     session = aioboto3.Session(region_name=REGION)
