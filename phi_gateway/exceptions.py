@@ -16,9 +16,9 @@
     ├── HTTPError             what the gateway answers a client with: status, stable code, message
     └── ValueNotEncryptable   a value is not plain JSON (e.g. an integer beyond 64 bits)
 
-Errors from botocore/aiohttp are translated once, in ``kms.py``. No message in this
-tree ever carries plaintext, key bytes, an IV or a tag: messages are fixed strings
-or name only identifiers (key ids, file paths).
+Errors from botocore/aiohttp are translated once, in ``aws.py`` (``translate``). No
+message in this tree ever carries plaintext, key bytes, an IV or a tag: messages are
+fixed strings or name only identifiers (key ids, file paths).
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ class InvalidToken(PHIGatewayError):
 
 
 class KeyAccessError(PHIGatewayError):
-    """A data or master key could not be used."""
+    """A data or master key could not be used.
+
+    Raised as this class itself for a configuration problem: no AWS region, a key ARN in
+    another region, a key the key service does not know."""
 
 
 class UnknownMasterKey(KeyAccessError):

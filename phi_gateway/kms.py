@@ -12,7 +12,7 @@ from typing import Any
 
 import aioboto3
 
-from phi_gateway.aws import AwsSettings, calling
+from phi_gateway.aws import AwsSettings, arn_region, calling
 from phi_gateway.context import Context
 from phi_gateway.exceptions import InvalidToken, KeyAccessError, KeyUnavailable, UnknownMasterKey
 from phi_gateway.keys import DataKey
@@ -35,6 +35,10 @@ class KmsKeyProvider:
     them may unwrap (older keys stay listed through a rotation). They are resolved to key
     ARNs with DescribeKey on start, and Decrypt always pins ``KeyId`` to the token's ARN,
     so a token cannot steer the gateway to a key outside this list.
+
+    One client talks to one region: ``settings.region``, else the region in the first key's
+    ARN, else the environment's (``AwsSettings.resolve``). A key ARN in another region is
+    refused here rather than left to fail as "not found" at the first call.
     """
 
     def __init__(
@@ -47,8 +51,11 @@ class KmsKeyProvider:
         if not master_keys:
             raise ValueError("KmsKeyProvider needs at least one master key.")
         self._configured = tuple(master_keys)
-        self._settings = settings or AwsSettings()
         self._session = session or aioboto3.Session()
+        self._settings = (settings or AwsSettings()).resolve(self._session, self._configured[0])
+        for configured in self._configured:
+            if arn_region(configured) not in (None, self.region):
+                raise KeyAccessError(f"KMS key {configured} is not in this provider's region {self.region}")
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
         self._arns: dict[str, str] = {}  # configured id/alias/ARN -> key ARN
@@ -101,6 +108,11 @@ class KmsKeyProvider:
         await self._ready()
         async with self._calling("DescribeKey"):
             await self._client.describe_key(KeyId=self.master_key_arns[0])
+
+    @property
+    def region(self) -> str:
+        """The AWS region this provider's client talks to."""
+        return str(self._settings.region)
 
     @property
     def default_master_key(self) -> str:

@@ -50,6 +50,8 @@ async def test_unreachable_sts_is_key_unavailable() -> None:
     port = server.sockets[0].getsockname()[1]
     server.close()
     await server.wait_closed()
-    settings = AwsSettings(endpoint_url=f"http://127.0.0.1:{port}", connect_timeout=0.5, max_attempts=1)
+    settings = AwsSettings(
+        region=REGION, endpoint_url=f"http://127.0.0.1:{port}", connect_timeout=0.5, max_attempts=1
+    )
     with pytest.raises(KeyUnavailable):
         await caller_identity(settings)

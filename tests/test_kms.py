@@ -3,19 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aioboto3
+import aiohttp
 import pytest
+from botocore.exceptions import (
+    ClientError,
+    ConnectTimeoutError,
+    CredentialRetrievalError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    NoRegionError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
 
 from phi_gateway import envelope
-from phi_gateway.aws import AwsSettings
+from phi_gateway.aws import AwsSettings, arn_region, calling
 from phi_gateway.context import Pseudonymizer
 from phi_gateway.exceptions import (
     InvalidToken,
     KeyAccessDenied,
+    KeyAccessError,
     KeyThrottled,
     KeyUnavailable,
+    PHIGatewayError,
     UnknownMasterKey,
 )
 from phi_gateway.kms import KmsKeyProvider
@@ -202,3 +217,145 @@ async def test_throttling_is_retried_a_bounded_number_of_times() -> None:
         with pytest.raises(KeyThrottled):
             await KmsKeyProvider(["arn:aws:kms:us-east-1:111122223333:key/x"], settings).start()
     assert requests == 3
+
+
+KMS_URL = "https://kms.us-east-1.amazonaws.com"
+# A wrapped key, as botocore might repeat it in an error message (its messages can carry
+# request parameters): no project error may show it in any form.
+BLOB = b"CANARY-wrapped-data-key-\x00\xff-bytes"
+BLOB_FORMS = (BLOB.hex(), base64.b64encode(BLOB).decode(), repr(BLOB), "CANARY")
+
+
+def _aws_error(code: str, operation: str) -> ClientError:
+    message = f"CiphertextBlob {base64.b64encode(BLOB).decode()} ({BLOB!r}) was refused"
+    return ClientError({"Error": {"Code": code, "Message": message}}, operation)
+
+
+# moto ignores key state (a disabled key or one pending deletion still works there) and
+# cannot be made to throttle, deny or time out on demand, so the translation is tested
+# here, at the boundary, with the errors botocore and aiohttp raise, built by hand.
+@pytest.mark.parametrize(
+    ("operation", "error", "expected"),
+    [
+        ("GenerateDataKey", _aws_error("ThrottlingException", "GenerateDataKey"), KeyThrottled),
+        ("Decrypt", _aws_error("AccessDeniedException", "Decrypt"), KeyAccessDenied),
+        ("Decrypt", _aws_error("UnrecognizedClientException", "Decrypt"), KeyAccessDenied),
+        ("Decrypt", _aws_error("ExpiredTokenException", "Decrypt"), KeyAccessDenied),
+        ("Decrypt", _aws_error("DisabledException", "Decrypt"), KeyUnavailable),
+        ("GenerateDataKey", _aws_error("KMSInvalidStateException", "GenerateDataKey"), KeyUnavailable),
+        ("Decrypt", _aws_error("KeyUnavailableException", "Decrypt"), KeyUnavailable),
+        ("Decrypt", _aws_error("KMSInternalException", "Decrypt"), KeyUnavailable),
+        ("DescribeKey", _aws_error("NotFoundException", "DescribeKey"), KeyAccessError),
+        ("Decrypt", _aws_error("InvalidCiphertextException", "Decrypt"), InvalidToken),
+        ("ReEncrypt", _aws_error("IncorrectKeyException", "ReEncrypt"), InvalidToken),
+        # Not a token's fault on an operation that unwraps nothing: a configuration error.
+        ("GenerateDataKey", _aws_error("InvalidCiphertextException", "GenerateDataKey"), KeyUnavailable),
+        ("Decrypt", EndpointConnectionError(endpoint_url=KMS_URL), KeyUnavailable),
+        ("Decrypt", ConnectTimeoutError(endpoint_url=KMS_URL), KeyUnavailable),
+        ("Decrypt", ReadTimeoutError(endpoint_url=KMS_URL), KeyUnavailable),
+        ("Decrypt", aiohttp.ServerDisconnectedError(), KeyUnavailable),
+        ("Decrypt", TimeoutError(), KeyUnavailable),  # our own deadline
+        ("Decrypt", NoCredentialsError(), KeyAccessDenied),
+        ("Decrypt", PartialCredentialsError(provider="env", cred_var="AWS_SECRET_KEY"), KeyAccessDenied),
+        ("Decrypt", CredentialRetrievalError(provider="sso", error_msg="expired"), KeyAccessDenied),
+        ("GetSecretValue", NoRegionError(), KeyAccessError),
+    ],
+    ids=lambda v: v if isinstance(v, str) else type(v).__name__,
+)
+async def test_aws_errors_map_once_into_the_project_tree(
+    operation: str, error: BaseException, expected: type[PHIGatewayError]
+) -> None:
+    outcomes: list[str] = []
+    settings = AwsSettings(region=REGION, observer=lambda *call: outcomes.append(call[2]))
+    with pytest.raises(PHIGatewayError) as caught:
+        async with calling("KMS", operation, settings):
+            raise error
+    mapped = caught.value
+    assert type(mapped) is expected
+    assert mapped.__cause__ is None and mapped.__suppress_context__  # botocore's text dropped
+    shown = str(mapped) + repr(mapped)
+    assert not any(form in shown for form in BLOB_FORMS)
+    if expected is not InvalidToken:
+        assert f"KMS {operation}" in str(mapped)  # says which call failed
+    assert outcomes and outcomes[0] != "ok"
+
+
+@pytest.mark.parametrize(
+    ("identifier", "region"),
+    [
+        ("arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab", "eu-west-1"),
+        ("arn:aws:kms:us-west-2:111122223333:alias/patients", "us-west-2"),
+        ("arn:aws-us-gov:kms:us-gov-west-1:111122223333:key/x", "us-gov-west-1"),
+        ("arn:aws:secretsmanager:ap-south-1:111122223333:secret:phi/pepper-AbCdEf", "ap-south-1"),
+        ("1234abcd-12ab-34cd-56ef-1234567890ab", None),
+        ("alias/patients", None),
+        ("arn:aws:iam::111122223333:role/x", None),
+    ],
+)
+def test_the_region_inside_an_arn(identifier: str, region: str | None) -> None:
+    assert arn_region(identifier) == region
+
+
+@pytest.fixture
+def no_ambient_region(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No region in the environment or a profile; returns the (absent) AWS config file."""
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "aws-config"
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    return config
+
+
+ARN_WEST_2 = "arn:aws:kms:us-west-2:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+
+
+def test_region_order_setting_then_arn_then_environment_then_profile(
+    no_ambient_region: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def region(settings: AwsSettings, key: str = "alias/patients") -> str | None:
+        return settings.resolve(aioboto3.Session(), key).region  # a fresh lookup each time
+
+    with pytest.raises(KeyAccessError, match="no AWS region"):  # as `aws kms` refuses to guess
+        region(AwsSettings())
+    no_ambient_region.write_text("[default]\nregion = ap-south-1\n")
+    assert region(AwsSettings()) == "ap-south-1"
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
+    assert region(AwsSettings()) == "eu-central-1"
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    assert region(AwsSettings()) == "eu-west-1"
+    # Clients built from unresolved settings (Secrets Manager, CloudWatch Logs) see it too.
+    assert AwsSettings().botocore_config().region_name == "eu-west-1"
+    assert region(AwsSettings(), ARN_WEST_2) == "us-west-2"
+    assert region(AwsSettings(region="ca-central-1"), ARN_WEST_2) == "ca-central-1"
+
+
+async def test_fips_endpoint_follows_the_resolved_region(
+    no_ambient_region: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = aioboto3.Session()  # no region of its own: only the settings carry one
+    fips = AwsSettings(use_fips_endpoint=True)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    for key, host in ((ARN_WEST_2, "kms-fips.us-west-2"), ("alias/patients", "kms-fips.eu-west-1")):
+        async with session.client("kms", config=fips.resolve(session, key).botocore_config()) as client:
+            assert client.meta.endpoint_url == f"https://{host}.amazonaws.com"
+
+
+async def test_the_key_arn_region_beats_the_environment_against_moto(
+    no_ambient_region: Path, monkeypatch: pytest.MonkeyPatch, kms_key: str, moto_url: str
+) -> None:
+    # moto keeps keys per region: the key made in us-east-1 opens only if the client went there.
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    async with KmsKeyProvider([kms_key], AwsSettings(endpoint_url=moto_url, max_attempts=1)) as kms:
+        assert kms.region == REGION == arn_region(kms_key)
+        key = await kms.generate_data_key(kms_key, CONTEXT)
+        assert (await kms.decrypt_data_key(kms_key, key.wrapped, CONTEXT)).key_ref == kms_key
+
+
+def test_a_provider_refuses_a_missing_or_contradictory_region(no_ambient_region: Path) -> None:
+    with pytest.raises(KeyAccessError, match="no AWS region"):
+        KmsKeyProvider(["alias/patients"])
+    with pytest.raises(KeyAccessError, match="not in this provider's region eu-west-1"):
+        KmsKeyProvider([ARN_WEST_2], AwsSettings(region="eu-west-1"))
+    with pytest.raises(KeyAccessError, match="not in this provider's region us-west-2"):
+        KmsKeyProvider([ARN_WEST_2, ARN_WEST_2.replace("us-west-2", "us-east-1")])
+    assert KmsKeyProvider([ARN_WEST_2, "alias/older"]).region == "us-west-2"
