@@ -1,12 +1,18 @@
-"""The ``phi-gateway`` command line: one click group, options also read from PHI_GATEWAY_*."""
+"""The ``phi-gateway`` command line: one click group, options also read from PHI_GATEWAY_*.
+
+Every failure, from any subcommand, is one line on stderr, ``phi-gateway: error: ...``:
+exit status 2 for a usage error (click's, or ours), 1 for anything else. No failure
+message carries plaintext: values are read from stdin, and stdin is never echoed.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -27,9 +33,54 @@ from phi_gateway.rules import POLICY_CONTEXT_KEY
 T = TypeVar("T")
 
 
-def fail(message: str) -> None:
+def fail(message: str, status: int = 1) -> None:
     click.echo(f"phi-gateway: error: {message}", err=True)
-    sys.exit(1)
+    sys.exit(status)
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Click's errors (a Usage/Try/Error block) and any unexpected exception become one
+    line. An unexpected exception shows only its type: its message could carry data."""
+    try:
+        yield
+    except (click.exceptions.Exit, click.Abort, click.exceptions.NoArgsIsHelpError):
+        raise  # --help, --version, ^C, and a group run bare (prints its help)
+    except click.ClickException as exc:
+        message = " ".join(exc.format_message().splitlines())
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            message += f" (see '{exc.ctx.command_path} --help')"
+        fail(message, exc.exit_code)
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise  # a closed stdout: click's own quiet handling
+        fail(f"{exc.strerror or type(exc).__name__}" + (f": {exc.filename}" if exc.filename else ""))
+    except Exception as exc:
+        fail(f"unexpected {type(exc).__name__} (a bug; its message is not shown, as it could hold data)")
+
+
+class _Main(click.Group):
+    """The root group. Parsing happens in ``make_context`` for its own options and in
+    ``invoke`` for every subcommand below it (those of cli_*.py modules included), so
+    catching there covers the whole command line."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        with _one_line_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
+def refuse_arguments(what: str) -> None:
+    """``encrypt`` and ``decrypt`` take no arguments: a value typed on the command line by
+    mistake would otherwise be echoed in click's "unexpected extra argument (...)"."""
+    extra = click.get_current_context().args
+    if extra:
+        raise click.UsageError(f"{len(extra)} unexpected argument(s), not shown: {what} reads stdin")
 
 
 def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -48,7 +99,7 @@ class KeySource:
 
     keyring: str | None
     kms_key_ids: tuple[str, ...]
-    region: str
+    region: str | None
     endpoint_url: str | None
     fips: bool
     context_items: tuple[str, ...]
@@ -100,8 +151,9 @@ _KEY_SOURCE_OPTIONS = [
                  help="Local development keyring file (not for production)."),
     click.option("--kms-key-id", "kms_key_ids", envvar="PHI_GATEWAY_KMS_KEY_ID", multiple=True,
                  help="KMS key ARN, id or alias; repeat to also accept older keys (first is current)."),
-    click.option("--region", envvar=["PHI_GATEWAY_KMS_REGION", "AWS_REGION"], default="us-east-1",
-                 show_default=True, help="AWS region of the KMS keys."),
+    click.option("--region", envvar="PHI_GATEWAY_KMS_REGION",
+                 help="AWS region of the KMS keys [default: the region in the first key's ARN, else "
+                      "AWS_REGION, AWS_DEFAULT_REGION or the profile's]."),
     click.option("--endpoint-url", envvar="PHI_GATEWAY_KMS_ENDPOINT_URL",
                  help="Override the KMS endpoint (e.g. a local test server)."),
     click.option("--fips/--no-fips", envvar="PHI_GATEWAY_KMS_FIPS", default=False,
@@ -136,7 +188,9 @@ def read_stdin() -> bytes:
     return sys.stdin.buffer.read()
 
 
-@click.group(context_settings={"auto_envvar_prefix": "PHI_GATEWAY", "help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=_Main, context_settings={"auto_envvar_prefix": "PHI_GATEWAY", "help_option_names": ["-h", "--help"]}
+)
 @click.version_option(package_name="phi-gateway")
 def main() -> None:
     """phi-gateway: application-layer envelope encryption for PHI in JSON APIs."""
@@ -187,10 +241,11 @@ def pepper_init(path: str) -> None:
     click.echo(f"created {path}")
 
 
-@main.command()
+@main.command(context_settings={"allow_extra_args": True})
 @key_source_options
 def encrypt(source: KeySource) -> None:
     """Encrypt one JSON value read from stdin; print its token."""
+    refuse_arguments("encrypt")
     exact, kms_context = source.contexts()
 
     async def go() -> str:
@@ -202,10 +257,11 @@ def encrypt(source: KeySource) -> None:
     click.echo(run(go))
 
 
-@main.command()
+@main.command(context_settings={"allow_extra_args": True})
 @key_source_options
 def decrypt(source: KeySource) -> None:
     """Decrypt a token read from stdin; print its JSON value."""
+    refuse_arguments("decrypt")
     exact, kms_context = source.contexts()
 
     async def go() -> bytes:

@@ -6,11 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from phi_gateway.cli import _Main
 from tests.conftest import REGION
 
 CANARY = "CANARY-987-65-4321"
@@ -32,9 +35,16 @@ VALUES = [
 ]
 
 
-def cli(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, stdin: str = "", env: Mapping[str, str | None] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a new process; ``env`` adds variables, or removes those set to None."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PHI_GATEWAY_")}
-    full_env.update(env or {})
+    for name, value in (env or {}).items():
+        if value is None:
+            full_env.pop(name, None)
+        else:
+            full_env[name] = value
     return subprocess.run(
         [sys.executable, "-m", "phi_gateway", *args],
         input=stdin,
@@ -64,6 +74,15 @@ def encrypt(value: str, env: dict[str, str], *context: str) -> str:
     return done.stdout.strip()
 
 
+def one_line(done: subprocess.CompletedProcess[str], status: int) -> str:
+    """The failure's one stderr line, after checking the exit status and that nothing else
+    was written."""
+    assert done.returncode == status, done.stderr
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("phi-gateway: error: "), done.stderr
+    return done.stderr
+
+
 def test_round_trips_every_json_type_in_one_process_each(key_source: dict[str, str]) -> None:
     for value in VALUES:
         token = encrypt(value, key_source, "patient=p1", "purpose=treatment")
@@ -91,11 +110,8 @@ def test_wrong_context_fails_with_one_line_and_no_plaintext(key_source: dict[str
         ["--context", "patient=p2", "--field", "$.x"],
         ["--context", "patient=p1", "--field", "$.y"],
     ):
-        done = cli("decrypt", *args, stdin=token, env=key_source)
-        assert done.returncode == 1
-        assert done.stdout == ""
-        assert done.stderr.count("\n") == 1 and "invalid token" in done.stderr
-        assert CANARY not in done.stderr
+        message = one_line(cli("decrypt", *args, stdin=token, env=key_source), 1)
+        assert "invalid token" in message and CANARY not in message
 
 
 def test_bad_input_is_refused_without_echoing_it(keyring_path: Path) -> None:
@@ -108,9 +124,63 @@ def test_bad_input_is_refused_without_echoing_it(keyring_path: Path) -> None:
 
 
 def test_key_source_must_be_exactly_one(keyring_path: Path) -> None:
-    assert cli("encrypt", stdin="1").returncode == 2
+    assert "exactly one key source" in one_line(cli("encrypt", stdin="1"), 2)
     both = cli("encrypt", "--keyring", str(keyring_path), "--kms-key-id", "k", stdin="1")
-    assert both.returncode == 2 and "exactly one key source" in both.stderr
+    assert "exactly one key source" in one_line(both, 2)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["encrypt", "--bogus"], "No such option '--bogus'"),
+        (["encrypt", "--context", "no-equals-sign"], "expected NAME=VALUE"),
+        (["encrypt", "--context"], "requires an argument"),
+        (["--bogus"], "No such option"),
+        (["no-such-command"], "No such command"),
+        (["keys", "init"], "Missing argument 'PATH'"),
+        # Subcommands from the cli_*.py modules pass through the same root group.
+        (["rewrap", "--concurrency", "many"], "--concurrency"),
+        (["policy", "preview"], "--route"),
+        (["serve", "--port", "eighty"], "--port"),
+        (["audit", "verify"], "Missing argument"),
+    ],
+)
+def test_usage_errors_are_one_line_with_status_2(args: list[str], expected: str) -> None:
+    message = one_line(cli(*args, env={"PHI_GATEWAY_KEYRING": "unused.json"}), 2)
+    assert expected in message and "Usage:" not in message
+
+
+def test_plaintext_given_as_an_argument_is_counted_not_echoed(keyring_path: Path) -> None:
+    env = {"PHI_GATEWAY_KEYRING": str(keyring_path)}
+    for command in ("encrypt", "decrypt"):
+        message = one_line(cli(command, CANARY, f'"{CANARY}"', env=env), 2)
+        assert "2 unexpected argument(s)" in message and CANARY not in message
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (RuntimeError(CANARY), "phi-gateway: error: unexpected RuntimeError (a bug;"),
+        (PermissionError(13, "Permission denied", "ring.json"), "Permission denied: ring.json"),
+        (OSError(5, "Input/output error"), "phi-gateway: error: Input/output error\n"),
+    ],
+    ids=["bug", "file", "io"],
+)
+def test_an_unexpected_failure_is_one_line_too(error: Exception, expected: str) -> None:
+    group = _Main()
+
+    @group.command()
+    def boom() -> None:
+        raise error
+
+    done = CliRunner().invoke(group, ["boom"])
+    assert done.exit_code == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and expected in done.stderr and CANARY not in done.stderr
+
+
+def test_a_bare_group_prints_its_help() -> None:
+    done = cli("keys")
+    assert done.returncode == 2 and "init" in done.stderr + done.stdout
 
 
 def test_unreachable_kms_is_a_one_line_error() -> None:
@@ -118,9 +188,37 @@ def test_unreachable_kms_is_a_one_line_error() -> None:
         "PHI_GATEWAY_KMS_KEY_ID": "arn:aws:kms:us-east-1:111122223333:key/x",
         "PHI_GATEWAY_KMS_ENDPOINT_URL": "http://127.0.0.1:9",
     }
-    done = cli("encrypt", stdin=json.dumps(CANARY), env=env)
-    assert done.returncode == 1 and "KMS DescribeKey unreachable" in done.stderr
-    assert CANARY not in done.stderr
+    message = one_line(cli("encrypt", stdin=json.dumps(CANARY), env=env), 1)
+    assert "KMS DescribeKey unreachable" in message and CANARY not in message
+
+
+NO_AMBIENT_REGION: dict[str, str | None] = {
+    "AWS_REGION": None,
+    "AWS_DEFAULT_REGION": None,
+    "AWS_PROFILE": None,
+    "AWS_CONFIG_FILE": os.devnull,
+}
+
+
+def test_kms_flags_round_trip_against_the_moto_server(kms_key: str, moto_url: str) -> None:
+    """The key source as flags instead of the environment; then with no region at all,
+    which the key's ARN supplies."""
+    explicit = ["--kms-key-id", kms_key, "--region", REGION, "--endpoint-url", moto_url]
+    from_arn = ["--kms-key-id", kms_key, "--endpoint-url", moto_url]
+    for flags in (explicit, from_arn):
+        for value in ('"123-45-6789"', '{"a": [1, {"b": null}], "c": -0.0}'):  # every type: above
+            args = [*flags, "--context", "patient=p1", "--field", "$.x"]
+            done = cli("encrypt", *args, stdin=value, env=NO_AMBIENT_REGION)
+            assert done.returncode == 0, done.stderr
+            back = cli("decrypt", *args, stdin=done.stdout, env=NO_AMBIENT_REGION)
+            assert back.returncode == 0, back.stderr
+            assert json.dumps(json.loads(back.stdout)) == json.dumps(json.loads(value))
+
+
+def test_no_region_anywhere_is_a_one_line_error(moto_url: str) -> None:
+    args = ["--kms-key-id", "alias/patients", "--endpoint-url", moto_url]
+    message = one_line(cli("encrypt", *args, stdin=json.dumps(CANARY), env=NO_AMBIENT_REGION), 1)
+    assert "no AWS region" in message and CANARY not in message
 
 
 def test_keys_init_creates_a_private_keyring_once(tmp_path: Path) -> None:
