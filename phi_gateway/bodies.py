@@ -8,7 +8,7 @@ import zlib
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers
-from starlette.types import Receive
+from starlette.types import Message, Receive
 
 from phi_gateway.exceptions import HTTPError
 
@@ -21,7 +21,9 @@ class Limits:
     max_response: int = 16 << 20  # upstream response buffered for decryption
     max_inflate_ratio: int = 100  # compressed bodies: inflated size over wire size
     max_depth: int = 64  # JSON nesting
-    body_timeout: float = 30.0  # seconds to receive a whole request body
+    # Seconds to receive a whole request body. ProxyApp holds pass-through bodies to the
+    # same deadline (UpstreamSettings.body_timeout, from the same setting in the gateway).
+    body_timeout: float = 30.0
     # Seconds from forwarding a request to the end of a response the gateway buffers to
     # decrypt: per-read timeouts alone let an upstream trickling bytes hold it for ever.
     response_timeout: float = 60.0
@@ -35,6 +37,19 @@ class Limits:
 
 class ClientGone(Exception):
     """The client disconnected before its body arrived: there is nobody to answer."""
+
+
+async def receive_by(receive: Receive, deadline: float) -> Message:
+    """The next message of a request body, if it comes before ``deadline`` (event-loop
+    time): 408 ``request_timeout`` after it, ``ClientGone`` if the client left."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            message = await receive()
+    except TimeoutError:
+        raise HTTPError(408, "request_timeout", "the request body did not arrive in time") from None
+    if message["type"] == "http.disconnect":
+        raise ClientGone
+    return message
 
 
 def is_json(content_type: str | None) -> bool:
@@ -75,21 +90,16 @@ async def read_body(receive: Receive, headers: Headers, limits: Limits) -> bytes
         raise HTTPError(413, "body_too_large", f"request body is over {limits.max_body} bytes")
     chunks: list[bytes] = []
     size = 0
-    try:
-        async with asyncio.timeout(limits.body_timeout):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientGone
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > wire_limit:
-                    raise HTTPError(413, "body_too_large", f"request body is over {limits.max_body} bytes")
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
-    except TimeoutError:
-        raise HTTPError(408, "request_timeout", "the request body did not arrive in time") from None
+    deadline = asyncio.get_running_loop().time() + limits.body_timeout
+    while True:
+        message = await receive_by(receive, deadline)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > wire_limit:
+            raise HTTPError(413, "body_too_large", f"request body is over {limits.max_body} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
     body = b"".join(chunks)
     if encoding == "identity":
         return body

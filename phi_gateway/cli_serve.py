@@ -28,9 +28,11 @@ from phi_gateway.server import HeaderDeadlineProtocol
 
 # uvicorn settings every gateway run uses: httptools (via HeaderDeadlineProtocol) refuses
 # Content-Length together with Transfer-Encoding where h11 accepts it (request smuggling);
+# uvloop, named rather than left to "auto", which falls back to asyncio without a word;
 # the access log would print query strings, which carry PHI before the gateway rewrites them.
 SERVER_OPTIONS: dict[str, Any] = {
     "http": HeaderDeadlineProtocol,
+    "loop": "uvloop",
     "access_log": False,
     "proxy_headers": False,
     "server_header": False,
@@ -60,7 +62,12 @@ def _fail(message: str) -> None:
 @click.option("--policies", multiple=True, type=click.Path(exists=True), help="Policy files or directories.")
 @click.option("--host", help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", type=int, help="Port to listen on (default 8080).")
-@click.option("--workers", type=int, help="Worker processes (default 1).")
+@click.option(
+    "--workers",
+    type=int,
+    help="Worker processes (default 1). More than one needs --admin-port 0: the admin port "
+    "serves one process.",
+)
 @click.option("--admin-port", type=int, help="Port of /healthz, /readyz, /metrics (default 9090; 0: none).")
 @click.option("--keyring", type=click.Path(dir_okay=False), help="Local development keyring.")
 @click.option("--kms-key-id", "kms_key_ids", multiple=True, help="KMS key(s); the first is current.")

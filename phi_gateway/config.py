@@ -28,7 +28,7 @@ class GatewayConfig:
     # keys: exactly one of keyring / kms_key_ids
     keyring: str | None = None
     kms_key_ids: list[str] = field(default_factory=list)
-    aws_region: str = "us-east-1"
+    aws_region: str | None = None  # None: the first key ARN's region, else AWS_REGION, the profile's
     aws_endpoint_url: str | None = None
     aws_fips: bool = False
     # pepper: a file, or a Secrets Manager secret id
@@ -104,8 +104,10 @@ class GatewayConfig:
         if self.admin_port and self.workers > 1:
             # Each worker would bind the port, and each has its own metrics and readiness.
             raise ConfigError(
-                "the admin port needs workers: 1 (run one worker per container and scale with "
-                "replicas), or admin_port: 0"
+                f"workers: {self.workers} needs the admin port off: set admin_port: 0 "
+                "(--admin-port 0, PHI_GATEWAY_ADMIN_PORT=0) to run several workers without "
+                "/healthz, /readyz and /metrics, or keep them with workers: 1 (one worker per "
+                "container, scaled with replicas)"
             )
         if bool(self.tls_certfile) != bool(self.tls_keyfile):
             raise ConfigError("TLS needs both tls_certfile and tls_keyfile")
@@ -131,26 +133,30 @@ class GatewayConfig:
 
 
 _FIELDS = {f.name: f for f in fields(GatewayConfig)}
+_BOOLEANS = {
+    **dict.fromkeys(("1", "true", "yes", "on"), True),
+    **dict.fromkeys(("0", "false", "no", "off"), False),
+}
 
 
-def _coerce(name: str, value: Any) -> Any:
+def _coerce(name: str, value: Any, source: str | None = None) -> Any:
+    """``value`` as the setting's type. Errors name the setting as ``source`` (the variable,
+    the flag) and never echo the value: some settings are secrets."""
     kind = str(_FIELDS[name].type)
     if value is None or value == "":
         return [] if kind.startswith("list") else None
     if kind.startswith("list"):
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    if kind not in ("bool", "int", "float"):
+        return str(value)
     try:
         if kind == "bool":
-            return (
-                value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
-            )
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return float(value)
-    except ValueError:
-        raise ConfigError(f"{name}: expected {kind}") from None
-    return str(value)
+            # A typo must not quietly mean false (aws_fips: ture would leave FIPS off).
+            return value if isinstance(value, bool) else _BOOLEANS[str(value).strip().lower()]
+        return int(value) if kind == "int" else float(value)
+    except (KeyError, TypeError, ValueError):
+        expected = "true or false" if kind == "bool" else kind
+        raise ConfigError(f"{source or name}: expected {expected}") from None
 
 
 def load_config(
@@ -167,13 +173,13 @@ def load_config(
         unknown = set(data) - _FIELDS.keys()
         if unknown:
             raise ConfigError(f"config {path}: unknown keys {sorted(unknown)}")
-        values.update({k: _coerce(k, v) for k, v in data.items()})
+        values.update({k: _coerce(k, v, f"config {path}: {k}") for k, v in data.items()})
     environ = os.environ if env is None else env
     for name in _FIELDS:
         key = f"PHI_GATEWAY_{name.upper()}"
         if key in environ:
-            values[name] = _coerce(name, environ[key])
+            values[name] = _coerce(name, environ[key], key)
     for name, value in (overrides or {}).items():
         if value is not None and value != ():
-            values[name] = _coerce(name, value)
+            values[name] = _coerce(name, value)  # click has checked the flags' types
     return GatewayConfig(**values)

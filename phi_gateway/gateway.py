@@ -9,6 +9,7 @@ import os
 import socket
 from typing import Literal
 
+import aioboto3
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phi_gateway.admin import AdminServer, Readiness, admin_app
@@ -49,6 +50,10 @@ class Gateway:
             use_fips_endpoint=config.aws_fips,
             observer=self.metrics.aws_call,
         )
+        if config.kms_key_ids or config.pepper_secret_id or config.audit_sink == "cloudwatch":
+            # One region for KMS, Secrets Manager, CloudWatch Logs and STS, settled at startup.
+            resource = config.kms_key_ids[0] if config.kms_key_ids else config.pepper_secret_id
+            self.aws = self.aws.resolve(aioboto3.Session(), resource)
         self.policies = PolicyReloader(
             config.policies, interval=config.policy_reload_interval, metrics=self.metrics
         )
@@ -64,6 +69,7 @@ class Gateway:
                 read_timeout=config.upstream_read_timeout,
                 max_connections=config.upstream_max_connections,
                 preserve_host=config.preserve_host,
+                body_timeout=config.body_timeout,  # pass-through bodies; policy routes' in Limits
             ),
         )
         self.middleware = PHIMiddleware(

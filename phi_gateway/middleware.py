@@ -2,7 +2,8 @@
 
 Wraps any ASGI app: ``app.add_middleware(PHIMiddleware, policies=..., keys=...)`` in
 Starlette/FastAPI, or ``PHIMiddleware(ProxyApp(url), ...)``, which is the gateway itself.
-Requests no policy names pass through untouched and streaming. On a policy route the
+Requests no policy names pass through untouched and streaming (a path an upstream could
+read as a policy route's is refused instead). On a policy route the
 request body is read (bounded), parsed strictly, encrypted and indexed, and the app gets
 the gateway's own serialization; if anything fails, the app is never called. Responses
 to policy routes are buffered, decrypted and re-serialized; nothing partial is sent.
@@ -15,6 +16,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from urllib.parse import unquote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,30 +34,94 @@ from phi_gateway.rules import PolicySet
 log = logging.getLogger("phi_gateway")
 AUDIT_DRAIN_SECONDS = 10.0
 
-_AMBIGUOUS = re.compile(rb"%2[eEfF]|%5[cC]|\\|;")
+_ODD = re.compile(rb"%2[eEfF]|%3[bB]|%5[cC]|\\|;")
+_SEGMENT_PARAMS = re.compile(r";[^/]*")
+_SLASHES = re.compile(r"//+")
 _AMBIGUOUS_PATH = HTTPError(
-    400, "ambiguous_path", "path must be plain: no dot or empty segments, encoded slashes, backslashes or ';'"
+    400,
+    "ambiguous_path",
+    "a path an upstream could read as a policy route must be plain: no dot or empty segments, "
+    "backslashes, ';', or encoded '/', '\\', '.' or ';'",
 )
 
 
-def _route_path(scope: Scope) -> str | None:
-    """The path policies are matched on, or None when upstreams could read it differently.
+def _route_path(scope: Scope, policies: PolicySet) -> str | None:
+    """The path policies are matched on, or None when an upstream could read it as a
+    policy route although it does not match one here.
 
-    Dot segments (raw or encoded), empty segments, encoded slashes or backslashes and ';'
-    are normalized, or not, differently by every server and client library: a request
-    spelled that way could match no policy here and a protected route upstream.
+    Dot segments (raw or encoded), empty segments, encoded slashes, dots or ';', backslashes
+    and ';' parameters are normalized, or not, differently by every server and framework.
+    Such a path is refused when one of its readings falls under a policy route's literal
+    prefix; anywhere else it is the app's business and passes untouched.
     """
     raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-    if not raw.startswith(b"/") or _AMBIGUOUS.search(raw):
+    if not raw.startswith(b"/"):
         return None
-    segments = raw.split(b"/")[1:]
-    if any(s in (b".", b"..") for s in segments) or b"" in segments[:-1]:
+    root = scope.get("root_path", "")
+    if not _plain(raw) and _near_policy(raw.decode("latin-1"), root, policies):
         return None
     path: str = scope["path"]
-    root = scope.get("root_path", "")
     if root and path.startswith(root):  # mounted under a prefix: policies name the app's own paths
         path = path[len(root) :] or "/"
     return path
+
+
+def _plain(raw: bytes) -> bool:
+    if _ODD.search(raw):
+        return False
+    segments = raw.split(b"/")[1:]
+    return not (any(s in (b".", b"..") for s in segments) or b"" in segments[:-1])
+
+
+def _near_policy(target: str, root: str, policies: PolicySet) -> bool:
+    prefixes = {_literal_prefix(route.template.shape) for route in policies.routes}
+    for reading in _readings(target):
+        if root and reading.startswith(root):
+            reading = reading[len(root) :] or "/"
+        folded = reading.casefold()
+        if any(p == "/" or folded == p or folded.startswith(p + "/") for p in prefixes):
+            return True
+    return False
+
+
+def _literal_prefix(shape: tuple[str | None, ...]) -> str:
+    """``/fhir/Patient`` for ``/fhir/Patient/{id}``; ``/`` when a route starts with a parameter."""
+    literal = []
+    for segment in shape:
+        if segment is None:
+            break
+        literal.append(segment)
+    return ("/" + "/".join(literal)).casefold()
+
+
+def _readings(target: str) -> set[str]:
+    """The paths an upstream could route ``target`` to, decoded: every combination of
+    decoding before routing, '\\' as '/', dropping ';' parameters (per segment, or the
+    whole tail), merging '//' and resolving dot segments (raw or encoded)."""
+    found = set()
+    for decoded in (target, unquote(target)):
+        for slashes in {decoded, decoded.replace("\\", "/")}:
+            for params in {slashes, _SEGMENT_PARAMS.sub("", slashes), slashes.split(";", 1)[0]}:
+                for merged in {params, _SLASHES.sub("/", params)}:
+                    found.add(unquote(merged))
+                    found.add(unquote(_resolve(merged)))
+    return found
+
+
+def _resolve(path: str) -> str:
+    """RFC 3986 remove_dot_segments, counting '%2e' as '.'."""
+    out: list[str] = []
+    segments = path.split("/")[1:]
+    for segment in segments:
+        dots = unquote(segment)
+        if dots == "..":
+            if out:
+                out.pop()
+        elif dots != ".":
+            out.append(segment)
+    if segments and unquote(segments[-1]) in (".", ".."):
+        out.append("")  # "/a/b/.." is "/a/"
+    return "/" + "/".join(out)
 
 
 class PHIMiddleware:
@@ -93,11 +159,11 @@ class PHIMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = _route_path(scope)
+        policies = self._policies()
+        path = _route_path(scope, policies)
         if path is None:
             await self._refuse(scope, send, _AMBIGUOUS_PATH)
             return
-        policies = self._policies()
         found = policies.match(scope["method"], path)
         if found is None:
             if policies.claims(path):  # a policy path with a method no route names: never pass it
@@ -108,12 +174,21 @@ class PHIMiddleware:
                 await self._refuse(
                     scope, send, HTTPError(403, "route_not_allowed", "no policy allows this route")
                 )
-            elif self.metrics is None:
-                await self.app(scope, receive, send)
             else:
-                await _Observed(self.metrics, scope["method"]).pass_through(self.app, scope, receive, send)
+                await self._pass_through(scope, receive, send)
             return
         await Exchange(self, found, scope, receive, send).run()
+
+    async def _pass_through(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A client's own X-User is nobody's identity: the app behind may trust that header.
+        client = scope.get("client")
+        drop = self.identity.claims_to_drop(client[0] if client else None)
+        if drop:
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() not in drop]}
+        if self.metrics is None:
+            await self.app(scope, receive, send)
+        else:
+            await _Observed(self.metrics, scope["method"]).pass_through(self.app, scope, receive, send)
 
     async def _refuse(self, scope: Scope, send: Send, error: HTTPError) -> None:
         started = time.perf_counter()

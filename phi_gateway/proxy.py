@@ -1,9 +1,15 @@
 """``ProxyApp``: an ASGI app that forwards every request to one upstream over a pooled
-aiohttp client (measured here at ~170 µs of CPU per hop against ~1.9 ms for httpx 0.28,
-whose connection pool scan dominates: encode/httpx#3215).
+aiohttp client (httpx 0.28 costs several times its CPU per request, its connection pool
+scan dominating, encode/httpx#3215: ``bench/clients.py`` measures both side by side).
 
 Hop-by-hop headers (RFC 9110 §7.6.1, and any named in ``Connection``) are dropped both
-ways; ``X-Forwarded-For/Proto/Host`` are set by the gateway, replacing client copies.
+ways; ``X-Forwarded-Proto/Host`` are set by the gateway, replacing client copies, and the
+client's address is appended to ``X-Forwarded-For`` (nginx's ``$proxy_add_x_forwarded_for``).
+aiohttp adds no header of its own (no ``Accept``, no ``User-Agent``) but ``Host`` and framing.
+
+A request body must arrive within ``body_timeout``, as on policy routes: a client trickling
+one would otherwise hold a pooled upstream connection (and the upstream's worker) for ever.
+
 A refused or reset upstream is 502, a slow one 504, as JSON errors. A POST is never sent
 twice; aiohttp retries an idempotent request once when its connection drops before any
 response (RFC 9110 §9.2.2), which covers the stale keep-alive race.
@@ -11,6 +17,7 @@ response (RFC 9110 §9.2.2), which covers the stale keep-alive race.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -19,6 +26,7 @@ import aiohttp
 from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
+from phi_gateway.bodies import ClientGone, receive_by
 from phi_gateway.exceptions import HTTPError
 from phi_gateway.httperrors import send_error
 
@@ -44,10 +52,12 @@ class UpstreamSettings:
     read_timeout: float = 30.0  # between bytes of the upstream response
     max_connections: int = 100
     preserve_host: bool = False  # send the client's Host instead of the upstream's
+    body_timeout: float = 30.0  # for the client to send a whole request body
 
     def __post_init__(self) -> None:
-        if not (self.connect_timeout > 0 and self.read_timeout > 0 and self.max_connections > 0):
-            raise ValueError("upstream timeouts and max_connections must be positive.")
+        timeouts = (self.connect_timeout, self.read_timeout, self.body_timeout)
+        if not (min(timeouts) > 0 and self.max_connections > 0):
+            raise ValueError("upstream timeouts, body_timeout and max_connections must be positive.")
 
 
 # A client must not be able to strip these by naming them in Connection: the last two are
@@ -98,7 +108,8 @@ class ProxyApp:
                     sock_read=self.settings.read_timeout,
                 ),
                 auto_decompress=False,  # relay bytes as they are; the middleware inflates when it must
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+                # aiohttp would add these when the client sent none; Host and framing it must.
+                skip_auto_headers=("Accept", "Accept-Encoding", "Content-Type", "User-Agent"),
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
@@ -136,6 +147,8 @@ class _Forward:
         self.receive = receive
         self.send = send
         self.started = False
+        # Why the body stream stopped: aiohttp reports it only as a connection error.
+        self.body_failure: HTTPError | ClientGone | None = None
 
     def url(self) -> URL:
         path = self.scope.get("raw_path") or self.scope["path"].encode("utf-8")
@@ -148,13 +161,22 @@ class _Forward:
 
     def headers(self) -> list[tuple[str, str]]:
         raw: list[tuple[bytes, bytes]] = self.scope["headers"]
-        dropped = _dropped(raw) | _GATEWAY_SET
+        hop = _dropped(raw)
+        dropped = hop | _GATEWAY_SET
         if not self.proxy.settings.preserve_host:
             dropped.add(b"host")
         out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw if k.lower() not in dropped]
+        # The addresses before ours, unless the previous hop named the header in Connection.
+        chain = (
+            []
+            if b"x-forwarded-for" in hop
+            else [v.decode("latin-1") for k, v in raw if k.lower() == b"x-forwarded-for"]
+        )
         client = self.scope.get("client")
         if client:
-            out.append(("X-Forwarded-For", client[0]))
+            chain.append(client[0])
+        if chain:
+            out.append(("X-Forwarded-For", ", ".join(chain)))
         out.append(("X-Forwarded-Proto", self.scope.get("scheme", "http")))
         host = next((v for k, v in raw if k.lower() == b"host"), None)
         if host is not None:
@@ -163,29 +185,32 @@ class _Forward:
 
     async def body(self) -> bytes | AsyncIterator[bytes] | None:
         """The request body: bytes when it came in one message (always so after the
-        middleware's rewrite), else a stream."""
-        first = await self.receive()
-        if first["type"] == "http.disconnect":
-            raise _ClientGone
+        middleware's rewrite), else a stream. Either must be whole by ``body_timeout``."""
+        deadline = asyncio.get_running_loop().time() + self.proxy.settings.body_timeout
+        first = await receive_by(self.receive, deadline)
         if not first.get("more_body", False):
             return first.get("body", b"") or None
 
         async def stream() -> AsyncIterator[bytes]:
             yield first.get("body", b"")
-            while True:
-                message = await self.receive()
-                if message["type"] == "http.disconnect":
-                    raise _ClientGone
-                yield message.get("body", b"")
-                if not message.get("more_body", False):
-                    return
+            try:
+                while True:
+                    message = await receive_by(self.receive, deadline)
+                    yield message.get("body", b"")
+                    if not message.get("more_body", False):
+                        return
+            except (HTTPError, ClientGone) as exc:
+                # aiohttp closes the upstream connection and raises a ClientConnectionError
+                # in exchange(), which reports this instead.
+                self.body_failure = exc
+                raise
 
         return stream()
 
     async def run(self) -> None:
         try:
             await self.exchange()
-        except _ClientGone:
+        except ClientGone:
             return
         except HTTPError as error:
             if self.started:
@@ -210,21 +235,30 @@ class _Forward:
     async def exchange(self) -> None:
         session = await self.proxy.session()
         data = await self.body()
-        async with session.request(
-            self.scope["method"],
-            self.url(),
-            headers=self.headers(),
-            data=data,
-            allow_redirects=False,
-            compress=None,
-        ) as response:
-            raw = [(k, v) for k, v in response.raw_headers]
-            dropped = _dropped(raw) | {b"server"}
-            headers = [(k.lower(), self.relocate(k.lower(), v)) for k, v in raw if k.lower() not in dropped]
-            await self._send({"type": "http.response.start", "status": response.status, "headers": headers})
-            async for chunk in response.content.iter_any():
-                await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        try:
+            async with session.request(
+                self.scope["method"],
+                self.url(),
+                headers=self.headers(),
+                data=data,
+                allow_redirects=False,
+                compress=None,
+            ) as response:
+                raw = [(k, v) for k, v in response.raw_headers]
+                dropped = _dropped(raw) | {b"server"}
+                headers = [
+                    (k.lower(), self.relocate(k.lower(), v)) for k, v in raw if k.lower() not in dropped
+                ]
+                await self._send(
+                    {"type": "http.response.start", "status": response.status, "headers": headers}
+                )
+                async for chunk in response.content.iter_any():
+                    await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        except aiohttp.ClientError:
+            if self.body_failure is not None:  # the client's fault, not the upstream's
+                raise self.body_failure from None
+            raise
 
     def relocate(self, name: bytes, value: bytes) -> bytes:
         """A redirect to the upstream's own origin points back at the gateway instead, as
@@ -240,10 +274,6 @@ class _Forward:
         except (TimeoutError, aiohttp.ClientError) as exc:
             # Not the upstream's fault: make sure run() does not report it as one.
             raise _DownstreamError from exc
-
-
-class _ClientGone(Exception):
-    pass
 
 
 class _DownstreamError(Exception):

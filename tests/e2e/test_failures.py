@@ -7,19 +7,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
+from phi_gateway.aws import AwsSettings
+from phi_gateway.cache import DataKeyCache
+from phi_gateway.cli_serve import serve
+from phi_gateway.demo_upstream import create_upstream
+from phi_gateway.gateway import Gateway
+from phi_gateway.identity import Identity, IdentitySettings
+from phi_gateway.kms import KmsKeyProvider
+from phi_gateway.middleware import PHIMiddleware
+from phi_gateway.pepper import Pepper
+from phi_gateway.policy import load_policies
 from tests.e2e.conftest import (
     AUTH,
     POLICIES,
@@ -127,25 +139,41 @@ def test_upstream_refusing_connections_is_502(secrets_dir: Path) -> None:
     assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_unavailable"
 
 
-@pytest.fixture
-def kms_down(secrets_dir: Path, upstream_process: Upstream) -> Iterator[Any]:
-    """The gateway with KMS as its key service, and KMS unreachable."""
-    upstream_process.reset(data=True)
-    config = proxy_config(
-        upstream_process.url,
-        secrets_dir,
-        keyring=None,
-        kms_key_ids=["arn:aws:kms:us-east-1:111122223333:key/k"],
-        aws_endpoint_url=f"http://127.0.0.1:{free_port()}",
+@pytest.fixture(params=["proxy", "middleware"])
+def kms_down(
+    request: pytest.FixtureRequest, secrets_dir: Path, upstream_process: Upstream, tmp_path: Path
+) -> Iterator[tuple[ThreadServer, Upstream]]:
+    """KMS as the key service, and KMS unreachable: the standalone proxy in front of the
+    demo API, and the demo API wrapped in PHIMiddleware."""
+    kms_key = "arn:aws:kms:us-east-1:111122223333:key/k"
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    if request.param == "proxy":
+        upstream_process.reset(data=True)
+        config = proxy_config(
+            upstream_process.url, secrets_dir, keyring=None, kms_key_ids=[kms_key], aws_endpoint_url=nowhere
+        )
+        with ThreadServer(Gateway(config)) as server:
+            yield server, upstream_process
+        return
+    app = create_upstream(str(tmp_path / "inner.sqlite"), record=True)
+    app.add_middleware(
+        PHIMiddleware,
+        policies=load_policies([POLICIES]),
+        keys=DataKeyCache(KmsKeyProvider([kms_key], AwsSettings(endpoint_url=nowhere))),
+        pepper=Pepper.load(secrets_dir / "pepper.json"),
+        identity=Identity(
+            IdentitySettings(
+                principal_header="X-User", roles_header="X-Roles", trusted_proxies=("127.0.0.1",)
+            )
+        ),
     )
-    from phi_gateway.gateway import Gateway
-
-    gateway = Gateway(config)
-    with ThreadServer(gateway) as server:
-        yield server, upstream_process
+    with ThreadServer(app) as server:
+        yield server, Upstream(server.url)
 
 
-def test_key_service_down_is_503_with_retry_after_and_nothing_forwarded(kms_down: Any) -> None:
+def test_key_service_down_is_503_with_retry_after_and_nothing_forwarded(
+    kms_down: tuple[ThreadServer, Upstream],
+) -> None:
     server, upstream = kms_down
     with httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as client:
         write = client.put("/patients/p-1", json=PATIENT)
@@ -169,8 +197,6 @@ def test_unmatched_deny_refuses_other_routes(
     )
     (tmp_path / "patients.yaml").write_text(text)
     upstream_process.reset(data=True)
-    from phi_gateway.gateway import Gateway
-
     gateway = Gateway(proxy_config(upstream_process.url, secrets_dir, policies=[str(tmp_path)]))
     with ThreadServer(gateway) as server, httpx.Client(base_url=server.url, headers=AUTH) as client:
         denied = client.get("/admin/export")
@@ -181,34 +207,89 @@ def test_unmatched_deny_refuses_other_routes(
 
 
 @pytest.fixture(scope="module")
-def served(secrets_dir: Path, upstream_process: Upstream) -> Iterator[str]:
-    """``phi-gateway serve`` as shipped, two workers, configured through the environment."""
+def served(
+    secrets_dir: Path, upstream_process: Upstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
+    """``phi-gateway serve`` as shipped, two workers (so ``--admin-port 0``: metrics are per
+    process), configured through the environment; each worker keeps its own audit file
+    (``audit-{pid}.jsonl``) in the directory yielded with the URL."""
     port = free_port()
-    # Two workers: no admin port (metrics are per process; one worker per container).
-    env = serve_env(upstream_process.url, secrets_dir, trusted_proxies="127.0.0.1,::1")
+    audit = tmp_path_factory.mktemp("served-audit")
+    env = serve_env(
+        upstream_process.url,
+        secrets_dir,
+        trusted_proxies="127.0.0.1,::1",
+        admin_port=None,  # the default, 9090, unless the flag below says otherwise
+        audit_sink="file",
+        audit_file=audit / "audit-{pid}.jsonl",
+        audit_chain_key_file=secrets_dir / "chain.key",
+    )
     process = subprocess.Popen(
-        [sys.executable, "-m", "phi_gateway", "serve", "--port", str(port), "--workers", "2"],
+        [
+            sys.executable,
+            "-m",
+            "phi_gateway",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--admin-port",
+            "0",
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
     try:
         wait_for_port(port)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", audit
     finally:
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=15)[0].decode()
         assert "123-45-6789" not in output  # nothing of the requests is logged
 
 
-def test_serve_round_trip(served: str, upstream_process: Upstream) -> None:
+def test_serve_round_trip(served: tuple[str, Path], upstream_process: Upstream) -> None:
+    url, _ = served
     upstream_process.reset(data=True)
-    with httpx.Client(base_url=served, headers=AUTH) as client:
+    with httpx.Client(base_url=url, headers=AUTH) as client:
         assert client.put("/patients/sv-1", json=PATIENT).status_code == 200
         for _ in range(6):  # new connections land on either worker; both hold the same keys
-            with httpx.Client(base_url=served, headers=AUTH) as fresh:
+            with httpx.Client(base_url=url, headers=AUTH) as fresh:
                 assert fresh.get("/patients", params={"ssn": "123-45-6789"}).json()[0]["ssn"] == "123-45-6789"
     assert "123-45-6789" not in repr(upstream_process.received())
+
+
+def test_serve_with_two_workers_serves_from_both(served: tuple[str, Path]) -> None:
+    """Every policy request is audited by the worker that served it, in that worker's own
+    file: events in two files are requests served by two processes."""
+    url, audit = served
+
+    async def burst() -> list[httpx.Response]:
+        fresh = httpx.Limits(max_keepalive_connections=0)  # a new connection, maybe another worker
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, limits=fresh, timeout=20) as client:
+            return await asyncio.gather(*(client.get("/patients/nobody") for _ in range(8)))
+
+    def writers() -> set[Path]:
+        return {path for path in audit.glob("audit-*.jsonl") if path.stat().st_size > 0}
+
+    deadline = time.monotonic() + 60
+    while len(writers()) < 2 and time.monotonic() < deadline:
+        assert all(r.status_code == 404 for r in asyncio.run(burst()))
+        time.sleep(0.1)  # the audit trail writes in the background
+    assert len(writers()) == 2
+
+
+def test_serve_says_what_several_workers_need() -> None:
+    """The admin port (default 9090) serves one process: more workers need it off, and both
+    the refusal and ``--help`` say how."""
+    runner = CliRunner(env={name: None for name in os.environ if name.startswith("PHI_GATEWAY_")})
+    refused = runner.invoke(serve, ["--upstream", "http://127.0.0.1:1", "--keyring", "k", "--workers", "2"])
+    assert refused.exit_code == 1
+    assert "workers: 2 needs the admin port off" in refused.output
+    assert "--admin-port 0" in refused.output and "PHI_GATEWAY_ADMIN_PORT=0" in refused.output
+    assert "More than one needs --admin-port 0" in " ".join(runner.invoke(serve, ["--help"]).output.split())
 
 
 def test_redirects_to_the_upstream_point_back_at_the_gateway(secrets_dir: Path) -> None:
@@ -241,7 +322,8 @@ def test_a_failed_startup_stops_serve(secrets_dir: Path, upstream_process: Upstr
         secrets_dir,
         pepper=None,
         pepper_secret_id="phi/pepper",
-        aws_endpoint_url=f"http://127.0.0.1:{free_port()}",
+        aws_region="us-east-1",
+        aws_endpoint_url=f"http://127.0.0.1:{free_port()}",  # Secrets Manager unreachable
     )
     done = subprocess.run(
         [sys.executable, "-m", "phi_gateway", "serve", "--port", str(free_port())],

@@ -204,6 +204,10 @@ def test_fhir_patient_and_bundle_round_trip_and_search(deployment: Deployment) -
         "/patients%2Fp-2",
         "/patients;v=1/p-2",
         "/patients\\p-2",
+        "/x/..;/patients/p-2",
+        "/patients%3Bv=1/p-2",
+        "/PATIENTS/%2e/p-2",
+        "/fhir//Patient/p-2",
     ],
 )
 def test_paths_an_upstream_might_normalize_are_refused(deployment: Deployment, target: str) -> None:
@@ -218,6 +222,19 @@ def test_paths_an_upstream_might_normalize_are_refused(deployment: Deployment, t
         reply = sock.recv(4096)
     assert reply.startswith(b"HTTP/1.1 400") and b"ambiguous_path" in reply
     assert deployment.upstream.received() == []
+
+
+@pytest.mark.parametrize("target", ["/echo;v=1", "/files/a%2Fb", "/x//y", "/static/../echo", "/a\\b"])
+def test_the_same_oddities_away_from_policy_routes_pass_through(deployment: Deployment, target: str) -> None:
+    """Only a path an upstream could read as a policy route is refused; the demo API routes
+    none of these, so its own 404 proves they reached it."""
+    port = int(deployment.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 404") and reply.endswith(b"\r\n\r\nNot Found"), reply
 
 
 def test_policy_paths_match_whatever_their_case(deployment: Deployment) -> None:
