@@ -18,6 +18,9 @@ from phi_gateway.exceptions import AuditError
 
 logger = logging.getLogger("phi_gateway.audit")
 
+# CloudWatch Logs takes events of up to 256 KiB, 26 bytes of which are its own overhead.
+MAX_EVENT_BYTES = 256 * 1024 - 26
+
 
 class AuditSink(Protocol):
     async def write(self, events: Sequence[Mapping[str, Any]]) -> None: ...  # raises AuditError/OSError
@@ -140,32 +143,44 @@ class AuditEmitter:
             self._task = asyncio.get_running_loop().create_task(self._drain(), name="phi-gateway audit")
 
     def emit(self, event: Mapping[str, Any], *, admitted: bool = False) -> bool:
-        """Queue a copy of ``event``; False if it was dropped. Raises AuditError if it is not JSON.
+        """Queue a copy of ``event``; False if it was dropped. Raises AuditError if it is not JSON,
+        or is over ``MAX_EVENT_BYTES``.
 
         ``admitted``: the event of a request ``admit()`` let in, which spends its reservation.
         """
+        return self.emit_all([event], admitted=admitted)
+
+    def emit_all(self, events: Sequence[Mapping[str, Any]], *, admitted: bool = False) -> bool:
+        """``emit`` for the events of one request (a main event and its continuations), as a
+        unit: all are queued, in order, or all dropped. Nothing is queued if one is refused."""
         if admitted:
             self._reserved = max(0, self._reserved - 1)
-        try:
-            # A round trip through JSON copies deeply and makes sure the sink can serialize it,
-            # so one bad event cannot wedge the queue behind it.
-            copy = orjson.loads(orjson.dumps(event))
-        except orjson.JSONEncodeError:
-            raise AuditError("audit event is not plain JSON") from None
-        if not isinstance(copy, dict):
-            raise AuditError("audit event must be a JSON object")
+        copies = []
+        for event in events:
+            try:
+                # A round trip through JSON copies deeply and makes sure the sink can serialize
+                # it, so one bad event cannot wedge the queue behind it.
+                data = orjson.dumps(event)
+            except orjson.JSONEncodeError:
+                raise AuditError("audit event is not plain JSON") from None
+            if len(data) > MAX_EVENT_BYTES:  # a sink would refuse it on every retry
+                raise AuditError(f"audit event is {len(data)} bytes, over the {MAX_EVENT_BYTES}-byte limit")
+            copy = orjson.loads(data)
+            if not isinstance(copy, dict):
+                raise AuditError("audit event must be a JSON object")
+            copies.append(copy)
         depth = self.stats.queue_depth
-        self.stats.emitted += 1
+        self.stats.emitted += len(copies)
         reserved = admitted and self.on_failure == "block"
         if self._closed or (depth >= self._limit and not reserved):
-            self.stats.dropped += 1
+            self.stats.dropped += len(copies)
             if not self._dropping:  # one line per run of drops, not one per event
                 self._dropping = True
                 why = "emitter is stopped" if self._closed else f"{depth} events already queued"
                 logger.error("audit event dropped: %s (%d dropped so far)", why, self.stats.dropped)
             return False
         self._dropping = False
-        self._queue.append(copy)
+        self._queue.extend(copies)
         self._wakeup.set()
         return True
 

@@ -9,6 +9,7 @@ import re
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ import orjson
 from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
+from phi_gateway.audit_event import masked_after_decrypting, request_events
 from phi_gateway.bodies import ClientGone, inflate_response, is_json, read_body
 from phi_gateway.cache import counting_requests
 from phi_gateway.exceptions import HTTPError
@@ -39,7 +41,6 @@ _BODY_HEADERS = {b"content-length", b"transfer-encoding", b"content-encoding", b
 _PARTIAL = {b"range", b"if-range"}
 _VALIDATORS = {b"etag", b"last-modified", b"content-md5", b"digest", b"accept-ranges", b"cache-control"}
 _NO_BODY_STATUS = {204, 205, 304}
-MAX_AUDIT_RECORDS = 100
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -106,11 +107,20 @@ class Exchange:
 
     async def exchange(self) -> None:
         try:
-            self._refuse_repeated_identity_headers()
+            identity = self.mw.identity
+            if self._repeated(identity.settings.identity_headers | {"authorization"}):
+                raise HTTPError(401, "invalid_credentials", "identity headers must appear once")
             client = self.scope.get("client")
-            self.principal = self.mw.identity.resolve(self.headers, client[0] if client else None)
+            self.principal = identity.authenticate(self.headers, client[0] if client else None)
+            if self.principal is not None:
+                # Set before the break-glass check, so a refused attempt is on record with its caller.
+                self.principal = identity.break_glass(self.principal, self.headers)
             if self.principal is None and self.route.require_principal:
                 raise HTTPError(401, "authentication_required", "this route needs an authenticated caller")
+            if self._repeated(self._context_headers()):
+                raise HTTPError(
+                    400, "header_ambiguous", "a header the encryption context is taken from must appear once"
+                )
             audit = self.mw.audit
             if audit is not None and audit.on_failure == "block":
                 # Nothing lost: a request moves PHI only with room for its event reserved.
@@ -168,8 +178,12 @@ class Exchange:
             rewritten, counts = rewrite_query(query, self.route.query, self.mw.pepper)
             self.searched = dict(counts)
             self.scope["query_string"] = rewritten.encode("ascii")
-        # The break-glass reason is for the audit trail, not for the upstream.
-        private = {b"x-request-id", self.mw.identity.settings.break_glass_reason_header.lower().encode()}
+        # The break-glass reason is for the audit trail, not for the upstream; identity headers
+        # reach it only as the trusted proxy set them, never as a client's own claim.
+        settings = self.mw.identity.settings
+        private = {b"x-request-id", settings.break_glass_reason_header.lower().encode()}
+        if self.principal is None or self.principal.source != "header":
+            private |= {name.encode() for name in settings.identity_headers}
         raw_headers = [(k, v) for k, v in self.scope["headers"] if k.lower() not in private]
         raw_headers.append((b"x-request-id", self.request_id.encode()))
         if self.route.response is not None:
@@ -282,14 +296,18 @@ class Exchange:
         await self.send({**start, "headers": self._tagged(raw)})
         await self.send({"type": "http.response.body", "body": body})
 
-    def _refuse_repeated_identity_headers(self) -> None:
-        """Servers disagree on which copy of a repeated header counts: refuse the question."""
-        settings = self.mw.identity.settings
-        names = {n.lower().encode() for n in (settings.principal_header, settings.roles_header) if n}
-        names.add(b"authorization")
-        seen = [k.lower() for k, _ in self.scope["headers"] if k.lower() in names]
-        if len(seen) != len(set(seen)):
-            raise HTTPError(401, "invalid_credentials", "identity headers must appear once")
+    def _repeated(self, names: Iterable[str]) -> bool:
+        """Whether a header named in ``names`` (lower case) appears more than once. Servers
+        disagree on which copy of a repeated header counts: such a request is refused."""
+        wanted = {name.encode() for name in names}
+        seen = [k.lower() for k, _ in self.scope["headers"] if k.lower() in wanted]
+        return len(seen) != len(set(seen))
+
+    def _context_headers(self) -> set[str]:
+        """The headers this route's encryption contexts take values from."""
+        specs = [self.route.request.context if self.route.request else None]
+        specs.append(self.route.response.context if self.route.response else None)
+        return {e.value for spec in specs if spec for e in spec.entries if e.source == "header"}
 
     def outcome(self) -> str:
         if self.error_code in ("aborted", "cancelled", "client_gone"):
@@ -298,6 +316,8 @@ class Exchange:
             return "refused"
         if self.client_status is None:
             return "incomplete"  # the client left before any answer
+        if any(report.redacted for _, report in self.reports):
+            return "redacted"  # protected fields nulled: they did not authenticate, or were plaintext
         return "upstream_error" if self.upstream_status is not None and self.upstream_status >= 500 else "ok"
 
     def record(self) -> None:
@@ -323,6 +343,8 @@ class Exchange:
             "roles": sorted(principal.roles) if principal else [],
             "auth": principal.source if principal else None,
             "break_glass": bool(principal and principal.break_glass),
+            # holds the emergency role: granted with a reason, refused (403) without one
+            "break_glass_attempted": bool(principal and self.mw.identity.wants_break_glass(principal)),
             "gateway": self.mw.gateway_identity,
             "method": self.scope["method"],
             "route": self.route.template.text,
@@ -338,29 +360,15 @@ class Exchange:
             event["break_glass_reason"] = principal.reason
         if self.searched:
             event["searched"] = self.searched
-        for side, report in self.reports:
-            event[side] = {
-                # capped, so one large listing cannot make an event no sink accepts
-                "records": report.audit_contexts[:MAX_AUDIT_RECORDS],
-                "records_total": len(report.audit_contexts),
-                "fields": {
-                    action: dict(counter)
-                    for action, counter in (
-                        ("encrypted", report.encrypted),
-                        ("indexed", report.indexed),
-                        ("decrypted", report.decrypted),
-                        ("withheld", report.withheld),
-                        ("redacted", report.redacted),
-                        ("plaintext_seen", report.plaintext_seen),
-                    )
-                    if counter
-                },
-                "key_refs": sorted(report.key_refs),
-            }
-            if report.stale_pepper:  # keys wrapped before a pepper rotation: rewrap is due
-                event[side]["stale_pepper_keys"] = report.stale_pepper
+        response = dict(self.reports).get("response")
+        masked = {}
+        if response is not None and self.route.response is not None:
+            masked = masked_after_decrypting(self.route.response, self.roles, response)
         try:
-            audit.emit(event, admitted=self.admitted)
+            # One unit: the main event and the continuations carrying the rest of its records.
+            audit.emit_all(
+                request_events(event, self.reports, decrypted_for_mask=masked), admitted=self.admitted
+            )
         except Exception as exc:  # the request is over; losing its event must at least be loud
             log.error("audit event of request %s not recorded: %s", self.request_id, type(exc).__name__)
 

@@ -24,10 +24,12 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from phi_gateway.audit import AuditEmitter, StdoutSink
+from phi_gateway.audit import MAX_EVENT_BYTES, AuditEmitter, StdoutSink
 from phi_gateway.audit_chain import ChainedFileSink, create_chain_key_file, load_chain_key, verify_chain
+from phi_gateway.audit_event import MAIN_RECORDS, PART_BYTES, PART_RECORDS, request_events
 from phi_gateway.cli_audit import audit
 from phi_gateway.exceptions import AuditError, PHIGatewayError
+from phi_gateway.transform import Report
 
 KEY = hashlib.sha256(b"phi-gateway audit test chain key").digest()
 OTHER_KEY = hashlib.sha256(b"some other chain key").digest()
@@ -691,3 +693,84 @@ async def test_admitted_events_survive_a_flood_of_refusals(tmp_path: Path) -> No
     await emitter.stop()
     assert [e["n"] for e in sink.written if e["kind"] == "admitted"] == [0, 1, 2]
     assert emitter.stats.dropped > 0 and emitter.stats.emitted == 53
+
+
+# A request's events: the main event and the continuations that carry the rest of its records
+
+
+def listing_events(contexts: list[dict[str, str]]) -> list[dict[str, Any]]:
+    report = Report(audit_contexts=contexts)
+    report.decrypted["$.ssn"] = len(contexts)
+    main = {
+        "time": "2026-01-05T14:03:22.000Z",
+        "request_id": "r-1",
+        "principal": "dr-who",
+        "method": "GET",
+        "route": "/patients",
+        "policy": "patients",
+        "outcome": "ok",
+    }
+    return request_events(main, [("response", report)], decrypted_for_mask={})
+
+
+async def test_every_record_of_a_large_listing_reaches_the_trail_in_bounded_events(tmp_path: Path) -> None:
+    contexts = [{"ResourceId": f"p1.{n:024d}", "Purpose": "PHI_Storage"} for n in range(2500)]
+    contexts[7]["ResourceId"] = "x" * 300_000  # a client can send any id in a body
+    events = listing_events(contexts)
+    main, parts = events[0], events[1:]
+    assert main["kind"] == "request" and main["record_parts"] == len(parts) == 3
+    assert len(main["response"]["records"]) == MAIN_RECORDS
+    assert main["response"]["records_total"] == 2500
+    assert [(p["kind"], p["part"], p["parts"], p["side"]) for p in parts] == [
+        ("records", n, 3, "response") for n in (1, 2, 3)
+    ]
+    assert all(p["request_id"] == "r-1" and p["principal"] == "dr-who" for p in parts)
+    # each part within PART_RECORDS and PART_BYTES (about 1,000 contexts of this size)
+    assert [p["first"] for p in parts] == [100 + sum(len(q["records"]) for q in parts[:n]) for n in range(3)]
+    assert all(len(orjson.dumps(p["records"])) <= PART_BYTES + PART_RECORDS for p in parts)
+    path = tmp_path / "audit.jsonl"
+    emitter = AuditEmitter(ChainedFileSink(path, KEY))
+    await emitter.start()
+    assert emitter.admit()
+    assert emitter.emit_all(events, admitted=True)
+    await emitter.stop()
+    assert verify_chain(path, KEY).records == 4
+    written = [orjson.loads(line)["event"] for line in lines_of(path)]
+    assert all(len(orjson.dumps(e)) <= MAX_EVENT_BYTES for e in written)
+    records = written[0]["response"]["records"] + [r for e in written[1:] for r in e["records"]]
+    assert len(records) == 2500
+    assert [r["ResourceId"] for n, r in enumerate(records) if n != 7] == [
+        c["ResourceId"] for n, c in enumerate(contexts) if n != 7
+    ]
+    long_id = records[7]["ResourceId"]
+    assert long_id == "x" * 64 + "...sha256:" + hashlib.sha256(b"x" * 300_000).hexdigest()
+
+
+def test_few_records_need_no_continuation() -> None:
+    (main,) = listing_events([{"ResourceId": "p1.a"}])
+    assert main["record_parts"] == 0 and main["response"]["records"] == [{"ResourceId": "p1.a"}]
+
+
+async def test_a_requests_events_are_kept_or_dropped_as_a_unit(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    sink = FlakySink()
+    emitter = AuditEmitter(sink, max_queue=4, on_failure="drop")
+    assert all(emitter.emit(event(n)) for n in range(3))
+    assert emitter.emit_all([event(3), event(4), event(5)])  # room for the first: all go in
+    assert not emitter.emit_all([event(6), event(7)])  # none for either
+    stats = emitter.stats
+    assert (stats.emitted, stats.dropped, stats.queue_depth) == (8, 2, 6)
+    assert len([r for r in caplog.records if "dropped" in r.getMessage()]) == 1
+    await emitter.stop()
+    assert [e["n"] for e in sink.events] == list(range(6))
+
+
+async def test_an_event_no_sink_would_take_is_refused_with_its_group() -> None:
+    sink = FlakySink()
+    emitter = AuditEmitter(sink)
+    with pytest.raises(AuditError) as refused:
+        emitter.emit_all([event(0), event(1, notes=CANARY * 30_000)])
+    assert CANARY not in str(refused.value) and "over the" in str(refused.value)
+    assert emitter.stats.emitted == 0
+    await emitter.stop()
+    assert sink.events == []

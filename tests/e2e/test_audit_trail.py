@@ -8,6 +8,7 @@ import base64
 import errno
 import json
 import logging
+import re
 import time
 import urllib.parse
 import uuid
@@ -21,19 +22,24 @@ import pytest
 
 from phi_gateway.audit import AuditEmitter
 from phi_gateway.audit_chain import ChainedFileSink, load_chain_key, verify_chain
+from phi_gateway.audit_event import MAIN_RECORDS
+from phi_gateway.aws import AwsSettings
 from phi_gateway.cache import DataKeyCache
 from phi_gateway.demo_upstream import create_upstream
 from phi_gateway.identity import Identity, IdentitySettings
 from phi_gateway.keyring import LocalKeyring
+from phi_gateway.kms import KmsKeyProvider
 from phi_gateway.middleware import PHIMiddleware
 from phi_gateway.pepper import Pepper
 from phi_gateway.policy import load_policies
 from tests.e2e.conftest import (
     AUTH,
     POLICIES,
+    AuditFile,
     Deployment,
     ThreadServer,
     Upstream,
+    free_port,
     middleware_deployment,
     proxy_deployment,
 )
@@ -72,6 +78,26 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line)["event"] for line in path.read_text().splitlines()]
 
 
+def assert_documented(events: list[dict[str, Any]]) -> None:
+    """Every field the gateway wrote is in docs/audit.md's tables of event fields."""
+    text = (Path(__file__).parents[2] / "docs" / "audit.md").read_text()
+    section = text[text.index("## Events") : text.index("## Sinks")]
+    names = {
+        name
+        for cell in re.findall(r"^\| ((?:`[a-z_]+`(?:, )?)+) \|", section, re.MULTILINE)
+        for name in re.findall(r"`([a-z_]+)`", cell)
+    }
+    for event in events:
+        assert set(event) <= names, set(event) - names
+        assert event["outcome" if event["kind"] == "request" else "side"] in re.findall(
+            r"`([a-z_]+)`", section
+        )
+        for side in ("request", "response"):
+            if side in event:
+                assert set(event[side]) <= names, set(event[side]) - names
+                assert all(f"`{action}`" in section for action in event[side]["fields"])
+
+
 def test_every_phi_request_is_recorded_and_the_chain_verifies(
     deploy: Callable[[], AbstractContextManager[Deployment]],
     secrets_dir: Path,
@@ -102,6 +128,7 @@ def test_every_phi_request_is_recorded_and_the_chain_verifies(
     assert report.ok and not report.torn_tail, report.message
     events = read_events(deployment.audit_file)
     assert report.records == len(events) == 40 + 3
+    assert_documented(events)
     puts = [e for e in events if e["method"] == "PUT"]
     assert {e["status"] for e in puts} == {200} and len({e["request_id"] for e in puts}) == 40
     assert all(e["request"]["fields"]["encrypted"]["$.ssn"] == 1 for e in puts)
@@ -218,3 +245,120 @@ def test_with_kms_events_name_the_gateway_and_the_master_key(
     # cleared before the GET, which misses once
     assert [e["key_cache"] for e in events] == [{"hits": 1, "misses": 1}, {"hits": 0, "misses": 1}]
     assert "123-45-6789" not in upstream_process.received().__repr__()
+
+
+def main_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e["kind"] == "request"]
+
+
+def test_a_listing_of_more_records_than_an_event_holds_is_on_the_trail_in_parts(
+    upstream_process: Upstream, secrets_dir: Path
+) -> None:
+    count = MAIN_RECORDS + 30
+
+    async def write_all(url: str) -> list[int]:
+        async with httpx.AsyncClient(base_url=url, timeout=30, headers=AUTH) as client:
+            sent = [client.put(f"/patients/big-{n}", json=PATIENT) for n in range(count)]
+            return [r.status_code for r in await asyncio.gather(*sent)]
+
+    upstream_process.reset(data=True)
+    with proxy_deployment(upstream_process, secrets_dir) as deployment:
+        assert set(asyncio.run(write_all(deployment.url))) == {200}
+        with deployment.client() as client:
+            listing = client.get("/patients", params={"limit": "1000"})
+    assert listing.status_code == 200 and len(listing.json()) == count
+    assert deployment.audit_file is not None
+    events = read_events(deployment.audit_file)
+    assert len(main_events(events)) == count + 1  # one main event per request, as ever
+    written = {e["request"]["records"][0]["ResourceId"] for e in main_events(events) if e["method"] == "PUT"}
+    (read,) = [e for e in events if e["kind"] == "request" and e["method"] == "GET"]
+    parts = [e for e in events if e["kind"] == "records"]
+    assert read["record_parts"] == len(parts) == 1
+    assert read["response"]["records_total"] == count
+    assert len(read["response"]["records"]) == MAIN_RECORDS
+    (part,) = parts
+    assert (part["request_id"], part["part"], part["parts"], part["side"]) == (
+        read["request_id"],
+        1,
+        1,
+        "response",
+    )
+    assert part["first"] == MAIN_RECORDS and part["principal"] == "dr-test"
+    disclosed = read["response"]["records"] + part["records"]
+    assert {r["ResourceId"] for r in disclosed} == written  # patient #101 onwards included
+    assert events.index(part) == events.index(read) + 1  # queued with its main event
+    assert_documented(events)
+
+
+def test_integrity_failures_are_findable_in_the_trail(
+    deploy: Callable[[], AbstractContextManager[Deployment]],
+) -> None:
+    with deploy() as deployment:
+        with deployment.client() as client:
+            client.put("/patients/i-1", json=PATIENT)
+            client.put("/patients/i-2", json={**PATIENT, "ssn": "999-99-9999"})
+        stored, other = deployment.read_at_rest("i-1"), deployment.read_at_rest("i-2")
+        deployment.write_at_rest({**stored, "ssn": other["ssn"]})  # i-2's SSN token moved into i-1
+        with deployment.client() as client:
+            single = client.get("/patients/i-1")  # on_error: redact
+            listing = client.get("/patients", params={"limit": "1000"})  # on_error: fail
+    assert single.status_code == 200 and single.json()["ssn"] is None
+    assert listing.status_code == 502
+    assert deployment.audit_file is not None
+    *_, redacted, failed = read_events(deployment.audit_file)
+    # not "ok": the caller got a response with a field that did not authenticate nulled
+    assert (redacted["outcome"], redacted["status"], redacted["error"]) == ("redacted", 200, None)
+    assert redacted["response"]["fields"]["redacted"] == {"$.ssn": 1}
+    assert (failed["outcome"], failed["status"], failed["error"]) == ("refused", 502, "integrity_error")
+    assert failed["upstream_status"] == 200 and failed["principal"] == "dr-test"
+
+
+def test_events_say_which_withheld_values_were_decrypted_to_mask_them(
+    deploy: Callable[[], AbstractContextManager[Deployment]],
+) -> None:
+    with deploy() as deployment:
+        with deployment.client() as client:
+            client.put("/patients/m-1", json=PATIENT)
+            client.put("/patients/m-2", json=PATIENT)
+        stored = deployment.read_at_rest("m-2")
+        deployment.write_at_rest({**stored, "ssn": PATIENT["ssn"]})  # written around the gateway
+        with deployment.client(roles="nurse") as nurse:
+            token = nurse.get("/patients/m-1").json()
+            clear = nurse.get("/patients/m-2").json()
+    assert token["ssn"] == clear["ssn"] == "*******6789"
+    assert deployment.audit_file is not None
+    *_, from_token, from_clear = read_events(deployment.audit_file)
+    # mask_last4 opens the token to compute the mask; remove (notes) never opens it
+    assert from_token["response"]["fields"]["withheld"] == {"$.ssn": 1, "$.notes": 1}
+    assert from_token["response"]["fields"]["decrypted_for_mask"] == {"$.ssn": 1}
+    # a value stored in the clear is masked without decrypting anything
+    assert from_clear["response"]["fields"]["withheld"] == {"$.ssn": 1, "$.notes": 1}
+    assert from_clear["response"]["fields"]["plaintext_seen"] == {"$.ssn": 1}
+    assert "decrypted_for_mask" not in from_clear["response"]["fields"]
+
+
+def test_a_key_service_failure_is_on_the_trail(secrets_dir: Path, tmp_path: Path) -> None:
+    audit = AuditFile(tmp_path / "audit.jsonl", secrets_dir / "chain.key")
+    app = create_upstream(str(tmp_path / "inner.sqlite"), record=True)
+    nowhere = AwsSettings(region="us-east-1", endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1)
+    app.add_middleware(
+        PHIMiddleware,
+        policies=load_policies([POLICIES]),
+        keys=DataKeyCache(KmsKeyProvider(["arn:aws:kms:us-east-1:111122223333:key/k"], nowhere)),
+        pepper=Pepper.load(secrets_dir / "pepper.json"),
+        identity=Identity(
+            IdentitySettings(
+                principal_header="X-User", roles_header="X-Roles", trusted_proxies=("127.0.0.1",)
+            )
+        ),
+        audit=AuditEmitter(ChainedFileSink(audit.path, load_chain_key(audit.chain_key_file))),
+    )
+    with (
+        ThreadServer(app, audit=audit) as server,
+        httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as client,
+    ):
+        write = client.put("/patients/k-1", json=PATIENT)
+    assert write.status_code == 503
+    (event,) = read_events(audit.path)
+    assert (event["outcome"], event["status"], event["error"]) == ("refused", 503, "key_service_unavailable")
+    assert event["upstream_status"] is None and event["principal"] == "dr-test"  # nothing forwarded

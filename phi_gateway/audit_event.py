@@ -1,0 +1,123 @@
+"""The audit events of one request on a policy route: a main event (``"kind": "request"``)
+and, when its record contexts do not fit in it, continuation events (``"kind": "records"``)
+carrying the rest. Every record a request wrote or disclosed is on the trail, and no event
+grows past what a sink takes (CloudWatch Logs: 256 KiB). Field reference: ``docs/audit.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+
+from phi_gateway import reveal
+from phi_gateway.rules import ResponseRule
+from phi_gateway.transform import Report
+
+MAIN_RECORDS = 100  # record contexts per side in the main event, so it stays quick to read
+PART_RECORDS = 1000  # record contexts in one continuation event
+PART_BYTES = 64 * 1024  # JSON size of the record contexts in one event, per side
+MAX_VALUE = 256  # characters of a context value; a longer one is cut and named by its digest
+# Fields a continuation event repeats from its main event, so it can be found on its own.
+_REPEATED = ("time", "request_id", "principal", "method", "route", "policy")
+
+
+def request_events(
+    event: dict[str, Any], reports: Sequence[tuple[str, Report]], *, decrypted_for_mask: Mapping[str, int]
+) -> list[dict[str, Any]]:
+    """The main event (``event``, completed with one section per side of the request) and
+    its continuations, in order. ``decrypted_for_mask``: see ``masked_after_decrypting``."""
+    event["kind"] = "request"
+    rest: list[tuple[str, int, list[dict[str, str]]]] = []  # side, index of first record, records
+    for side, report in reports:
+        contexts = [_bounded(c) for c in report.audit_contexts]
+        chunks = _chunks(contexts)
+        event[side] = {
+            "records": chunks[0],
+            "records_total": len(contexts),
+            "fields": _fields(report, decrypted_for_mask if side == "response" else {}),
+            "key_refs": sorted(report.key_refs),
+        }
+        if report.stale_pepper:  # keys wrapped before a pepper rotation: rewrap is due
+            event[side]["stale_pepper_keys"] = report.stale_pepper
+        first = len(chunks[0])
+        for chunk in chunks[1:]:
+            rest.append((side, first, chunk))
+            first += len(chunk)
+    event["record_parts"] = len(rest)
+    parts = [
+        {
+            "kind": "records",
+            **{name: event[name] for name in _REPEATED},
+            "part": n,
+            "parts": len(rest),
+            "side": side,
+            "first": first,
+            "records": chunk,
+        }
+        for n, (side, first, chunk) in enumerate(rest, 1)
+    ]
+    return [event, *parts]
+
+
+def masked_after_decrypting(
+    rule: ResponseRule, roles: frozenset[str] | None, report: Report
+) -> dict[str, int]:
+    """Per field, how many of the values ``report.withheld`` counts were decrypted first:
+    ``mask_last4`` opens every token to compute its mask, even one it then masks fully
+    (a number, an object, a string of four characters or fewer). A value stored in the
+    clear at such a path is masked without decrypting: under ``on_plaintext: pass`` it is
+    counted in both ``withheld`` and ``plaintext_seen``, so it is taken off here."""
+    counts = {}
+    for path, action in reveal.plan(rule, roles).items():
+        if action == "mask_last4":
+            stored_clear = report.plaintext_seen[path] if rule.on_plaintext == "pass" else 0
+            if report.withheld[path] - stored_clear:
+                counts[path] = report.withheld[path] - stored_clear
+    return counts
+
+
+def _fields(report: Report, decrypted_for_mask: Mapping[str, int]) -> dict[str, dict[str, int]]:
+    fields = {
+        action: dict(counter)
+        for action, counter in (
+            ("encrypted", report.encrypted),
+            ("indexed", report.indexed),
+            ("decrypted", report.decrypted),
+            ("withheld", report.withheld),
+            ("redacted", report.redacted),
+            ("plaintext_seen", report.plaintext_seen),
+        )
+        if counter
+    }
+    if decrypted_for_mask:
+        fields["decrypted_for_mask"] = dict(decrypted_for_mask)
+    return fields
+
+
+def _bounded(context: Mapping[str, str]) -> dict[str, str]:
+    """A record context whose values fit an event: an over-long one (a client can send any
+    id in a body) keeps its start and is named by its SHA-256."""
+    return {
+        name: value
+        if len(value) <= MAX_VALUE
+        else f"{value[:64]}...sha256:{hashlib.sha256(value.encode()).hexdigest()}"
+        for name, value in context.items()
+    }
+
+
+def _chunks(contexts: list[dict[str, str]]) -> list[list[dict[str, str]]]:
+    """The contexts in order, cut into the main event's share and then continuation parts,
+    each within its record count and ``PART_BYTES``; always at least one (maybe empty) chunk."""
+    chunks: list[list[dict[str, str]]] = [[]]
+    size, limit = 0, MAIN_RECORDS
+    for context in contexts:
+        cost = len(orjson.dumps(context)) + 1
+        if chunks[-1] and (len(chunks[-1]) >= limit or size + cost > PART_BYTES):
+            chunks.append([])
+            size, limit = 0, PART_RECORDS
+        chunks[-1].append(context)
+        size += cost
+    return chunks
