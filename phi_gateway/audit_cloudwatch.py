@@ -47,13 +47,15 @@ class CloudWatchSink:
     async def _ready(self) -> Any:
         if self._client is None:
             stack = AsyncExitStack()
-            client = await stack.enter_async_context(
-                self._session.client(
-                    "logs", endpoint_url=self._settings.endpoint_url, config=self._settings.botocore_config()
-                )
-            )
             try:
                 async with calling("CloudWatch Logs", "CreateLogStream", self._settings):
+                    client = await stack.enter_async_context(
+                        self._session.client(
+                            "logs",
+                            endpoint_url=self._settings.endpoint_url,
+                            config=self._settings.botocore_config(),
+                        )
+                    )
                     with suppress(client.exceptions.ResourceAlreadyExistsException):
                         await client.create_log_stream(logGroupName=self.group, logStreamName=self.stream)
             except BaseException:

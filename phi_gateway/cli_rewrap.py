@@ -238,10 +238,9 @@ def summary_lines(summary: Summary, *, allow_outside: bool) -> list[str]:
 )
 @click.option(
     "--region",
-    envvar=["PHI_GATEWAY_KMS_REGION", "AWS_REGION"],
-    default="us-east-1",
-    show_default=True,
-    help="AWS region of the KMS keys.",
+    envvar="PHI_GATEWAY_KMS_REGION",
+    help="AWS region of the KMS keys [default: the region in the first key's ARN, else AWS_REGION,"
+    " AWS_DEFAULT_REGION or the profile's].",
 )
 @click.option(
     "--endpoint-url",
@@ -277,7 +276,7 @@ def rewrap(
     concurrency: int,
     keyring: str | None,
     kms_key_ids: tuple[str, ...],
-    region: str,
+    region: str | None,
     endpoint_url: str | None,
     fips: bool,
     pepper: str | None,

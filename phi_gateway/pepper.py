@@ -106,8 +106,8 @@ class Pepper:
         cls, secret_id: str, settings: AwsSettings | None = None, *, session: aioboto3.Session | None = None
     ) -> Pepper:
         """Read the pepper from a Secrets Manager SecretString (same JSON as the file)."""
-        settings = settings or AwsSettings()
         session = session or aioboto3.Session()
+        settings = (settings or AwsSettings()).resolve(session, secret_id)
         async with (
             calling("Secrets Manager", "GetSecretValue", settings),
             session.client(
