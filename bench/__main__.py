@@ -23,6 +23,7 @@ PARTS = {
     "kms": "bench.kms",  # 3. KMS economics against moto's server
     "http": "bench.http",  # 4. the HTTP hop with wrk: direct, nginx, proxy, gateway, middleware
     "memory": "bench.memory",  # 5. peak RSS under load, and with 100,000 cached data keys
+    "clients": "bench.clients",  # 6. the upstream hop's HTTP client: aiohttp against httpx
 }
 PACKAGES = (
     "phi-gateway", "cryptography", "orjson", "aioboto3", "aiohttp", "uvicorn", "starlette",
