@@ -12,8 +12,6 @@ from typing import Any
 
 import orjson
 
-from phi_gateway import reveal
-from phi_gateway.rules import ResponseRule
 from phi_gateway.transform import Report
 
 MAIN_RECORDS = 100  # record contexts per side in the main event, so it stays quick to read
@@ -24,11 +22,9 @@ MAX_VALUE = 256  # characters of a context value; a longer one is cut and named 
 _REPEATED = ("time", "request_id", "principal", "method", "route", "policy")
 
 
-def request_events(
-    event: dict[str, Any], reports: Sequence[tuple[str, Report]], *, decrypted_for_mask: Mapping[str, int]
-) -> list[dict[str, Any]]:
+def request_events(event: dict[str, Any], reports: Sequence[tuple[str, Report]]) -> list[dict[str, Any]]:
     """The main event (``event``, completed with one section per side of the request) and
-    its continuations, in order. ``decrypted_for_mask``: see ``masked_after_decrypting``."""
+    its continuations, in order."""
     event["kind"] = "request"
     rest: list[tuple[str, int, list[dict[str, str]]]] = []  # side, index of first record, records
     for side, report in reports:
@@ -37,7 +33,7 @@ def request_events(
         event[side] = {
             "records": chunks[0],
             "records_total": len(contexts),
-            "fields": _fields(report, decrypted_for_mask if side == "response" else {}),
+            "fields": _fields(report),
             "key_refs": sorted(report.key_refs),
         }
         if report.stale_pepper:  # keys wrapped before a pepper rotation: rewrap is due
@@ -62,39 +58,20 @@ def request_events(
     return [event, *parts]
 
 
-def masked_after_decrypting(
-    rule: ResponseRule, roles: frozenset[str] | None, report: Report
-) -> dict[str, int]:
-    """Per field, how many of the values ``report.withheld`` counts were decrypted first:
-    ``mask_last4`` opens every token to compute its mask, even one it then masks fully
-    (a number, an object, a string of four characters or fewer). A value stored in the
-    clear at such a path is masked without decrypting: under ``on_plaintext: pass`` it is
-    counted in both ``withheld`` and ``plaintext_seen``, so it is taken off here."""
-    counts = {}
-    for path, action in reveal.plan(rule, roles).items():
-        if action == "mask_last4":
-            stored_clear = report.plaintext_seen[path] if rule.on_plaintext == "pass" else 0
-            if report.withheld[path] - stored_clear:
-                counts[path] = report.withheld[path] - stored_clear
-    return counts
-
-
-def _fields(report: Report, decrypted_for_mask: Mapping[str, int]) -> dict[str, dict[str, int]]:
-    fields = {
+def _fields(report: Report) -> dict[str, dict[str, int]]:
+    return {
         action: dict(counter)
         for action, counter in (
             ("encrypted", report.encrypted),
             ("indexed", report.indexed),
             ("decrypted", report.decrypted),
             ("withheld", report.withheld),
+            ("decrypted_for_mask", report.decrypted_for_mask),
             ("redacted", report.redacted),
             ("plaintext_seen", report.plaintext_seen),
         )
         if counter
     }
-    if decrypted_for_mask:
-        fields["decrypted_for_mask"] = dict(decrypted_for_mask)
-    return fields
 
 
 def _bounded(context: Mapping[str, str]) -> dict[str, str]:

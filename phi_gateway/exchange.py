@@ -17,7 +17,7 @@ import orjson
 from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
-from phi_gateway.audit_event import masked_after_decrypting, request_events
+from phi_gateway.audit_event import request_events
 from phi_gateway.bodies import ClientGone, inflate_response, is_json, read_body
 from phi_gateway.cache import counting_requests
 from phi_gateway.exceptions import HTTPError
@@ -360,15 +360,9 @@ class Exchange:
             event["break_glass_reason"] = principal.reason
         if self.searched:
             event["searched"] = self.searched
-        response = dict(self.reports).get("response")
-        masked = {}
-        if response is not None and self.route.response is not None:
-            masked = masked_after_decrypting(self.route.response, self.roles, response)
         try:
             # One unit: the main event and the continuations carrying the rest of its records.
-            audit.emit_all(
-                request_events(event, self.reports, decrypted_for_mask=masked), admitted=self.admitted
-            )
+            audit.emit_all(request_events(event, self.reports), admitted=self.admitted)
         except Exception as exc:  # the request is over; losing its event must at least be loud
             log.error("audit event of request %s not recorded: %s", self.request_id, type(exc).__name__)
 

@@ -49,6 +49,7 @@ class Report:
     redacted: Counter[str] = field(default_factory=Counter)
     plaintext_seen: Counter[str] = field(default_factory=Counter)  # non-token values at decrypt paths
     withheld: Counter[str] = field(default_factory=Counter)  # masked, removed or left as token by reveal
+    decrypted_for_mask: Counter[str] = field(default_factory=Counter)  # of withheld: opened by mask_last4
     key_refs: set[str] = field(default_factory=set)
     # Data keys that opened only under an older pepper version's KMS context: wrapped before
     # a pepper rotation, and due for `phi-gateway rewrap`.
@@ -353,6 +354,7 @@ async def decrypt_response(
         if actions[canonical] == "mask_last4":
             parent[key] = reveal.mask_last4(value)
             report.withheld[canonical] += 1
+            report.decrypted_for_mask[canonical] += 1
         else:
             parent[key] = value
             report.decrypted[canonical] += 1

@@ -710,7 +710,7 @@ def listing_events(contexts: list[dict[str, str]]) -> list[dict[str, Any]]:
         "policy": "patients",
         "outcome": "ok",
     }
-    return request_events(main, [("response", report)], decrypted_for_mask={})
+    return request_events(main, [("response", report)])
 
 
 async def test_every_record_of_a_large_listing_reaches_the_trail_in_bounded_events(tmp_path: Path) -> None:
