@@ -51,7 +51,9 @@ class GatewayConfig:
     audit_sink: str = "stdout"
     audit_log_group: str | None = None  # cloudwatch
     audit_log_stream: str = "phi-gateway-{host}-{pid}"
-    audit_file: str = "audit-{pid}.jsonl"  # {pid}: one chain per worker process
+    # One name across restarts: the chain resumes where it stopped, so a file deleted or
+    # truncated between runs shows. {pid} (needed with several workers): one chain per process.
+    audit_file: str = "audit.jsonl"
     audit_chain_key_file: str | None = None
     audit_on_failure: str = "block"  # or "drop"
     audit_max_queue: int = 10_000
@@ -96,6 +98,12 @@ class GatewayConfig:
         if self.audit_sink == "file" and not self.audit_chain_key_file:
             raise ConfigError(
                 "the file audit sink needs audit_chain_key_file (phi-gateway audit init-key PATH)"
+            )
+        if self.audit_sink == "file" and self.workers > 1 and "{pid}" not in self.audit_file:
+            # The chained file is locked by the process that writes it.
+            raise ConfigError(
+                f"workers: {self.workers} with the file audit sink needs {{pid}} in audit_file "
+                "(one chain per worker process), e.g. audit-{pid}.jsonl"
             )
         if self.audit_on_failure not in ("block", "drop"):
             raise ConfigError("audit_on_failure must be block or drop")

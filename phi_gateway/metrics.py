@@ -170,6 +170,13 @@ class _StatsCollector(Collector):
                 ("audit_write_failures", "Failed audit sink writes, retries included.", a.write_failures),
             ):
                 yield CounterMetricFamily(f"phi_gateway_{name}", help_text, value=value)
+            last_seq = getattr(self.audit.sink, "last_seq", None)
+            if last_seq is not None:  # a hash-chained file: what `audit verify --expected-last-seq` wants
+                yield GaugeMetricFamily(
+                    "phi_gateway_audit_last_seq",
+                    "Sequence number of the last record in the chained file.",
+                    value=last_seq,
+                )
 
 
 def _counter(name: str, help_text: str, label: str, values: dict[str, int]) -> CounterMetricFamily:

@@ -106,6 +106,21 @@ def test_several_workers_need_the_admin_port_off() -> None:
     assert load_config(env=BASE).check().admin_port == 9090  # one worker keeps the default
 
 
+def test_several_workers_with_the_file_sink_need_one_chain_each() -> None:
+    env = {
+        **BASE,
+        "PHI_GATEWAY_ADMIN_PORT": "0",
+        "PHI_GATEWAY_WORKERS": "2",
+        "PHI_GATEWAY_AUDIT_SINK": "file",
+    }
+    env["PHI_GATEWAY_AUDIT_CHAIN_KEY_FILE"] = "chain.key"
+    with pytest.raises(ConfigError, match=r"needs \{pid\} in audit_file"):
+        load_config(env=env).check()
+    assert load_config(env={**env, "PHI_GATEWAY_AUDIT_FILE": "a-{pid}.jsonl"}).check().workers == 2
+    one = load_config(env={**env, "PHI_GATEWAY_WORKERS": "1"}).check()
+    assert one.audit_file == "audit.jsonl"  # one name across restarts: the chain resumes
+
+
 def _gateway(tmp_path: Path, **settings: object) -> Gateway:
     if not (tmp_path / "pepper.json").exists():
         create_pepper_file(tmp_path / "pepper.json")

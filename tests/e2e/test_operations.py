@@ -118,6 +118,10 @@ def test_admin_port_reports_health_and_the_traffic_it_saw(
         assert total(samples, "phi_gateway_audit_events_written_total") >= 1
         assert total(samples, "phi_gateway_audit_events_dropped_total") == 0
         assert ("phi_gateway_audit_queue_depth", ()) in samples
+        # a fresh chained file: its last sequence number is the count of events written to it
+        assert samples[("phi_gateway_audit_last_seq", ())] == total(
+            samples, "phi_gateway_audit_events_written_total"
+        )
         assert samples[("phi_gateway_ready", ())] == 1
 
         text = httpx.get(f"{gw.admin_url}/metrics").text
