@@ -22,6 +22,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -426,6 +427,27 @@ def deployment(
     else:
         with middleware_deployment(secrets_dir, tmp_path, max_body=64 * 1024, body_timeout=1.0) as d:
             yield d
+
+
+@pytest.fixture(params=["proxy", "middleware"])
+def deploy(
+    request: pytest.FixtureRequest, upstream_process: Upstream, secrets_dir: Path, tmp_path: Path
+) -> Callable[[], AbstractContextManager[Deployment]]:
+    """A deployment factory, for tests that start (and stop) it themselves: the proxy, then
+    the middleware."""
+
+    def make() -> AbstractContextManager[Deployment]:
+        if request.param == "proxy":
+            upstream_process.reset(data=True)
+            return proxy_deployment(upstream_process, secrets_dir)
+        return middleware_deployment(secrets_dir, tmp_path)
+
+    return make
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The events of a chained audit file, in order."""
+    return [json.loads(line)["event"] for line in path.read_text().splitlines()]
 
 
 AUTH = {"X-User": "dr-test", "X-Roles": "clinician"}

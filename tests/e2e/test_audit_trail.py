@@ -4,13 +4,11 @@ concurrent run, no PHI in any form in it, and a sink that cannot write blocks PH
 from __future__ import annotations
 
 import asyncio
-import base64
 import errno
 import json
 import logging
 import re
 import time
-import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -32,6 +30,7 @@ from phi_gateway.kms import KmsKeyProvider
 from phi_gateway.middleware import PHIMiddleware
 from phi_gateway.pepper import Pepper
 from phi_gateway.policy import load_policies
+from tests.e2e.canary import forms as leak_forms
 from tests.e2e.conftest import (
     AUTH,
     POLICIES,
@@ -40,42 +39,11 @@ from tests.e2e.conftest import (
     ThreadServer,
     Upstream,
     free_port,
-    middleware_deployment,
     proxy_deployment,
+    read_events,
 )
 
 PATIENT = json.loads((Path(__file__).parents[1] / "samples" / "patient.json").read_text())
-
-
-def forms(secret: str) -> list[str]:
-    """A value as it could leak: raw, JSON-escaped, URL-encoded, base64 and hex."""
-    raw = secret.encode()
-    return [
-        secret,
-        json.dumps(secret)[1:-1],
-        urllib.parse.quote(secret),
-        urllib.parse.quote_plus(secret),
-        base64.b64encode(raw).decode(),
-        base64.urlsafe_b64encode(raw).decode().rstrip("="),
-        raw.hex(),
-    ]
-
-
-@pytest.fixture(params=["proxy", "middleware"])
-def deploy(
-    request: pytest.FixtureRequest, upstream_process: Upstream, secrets_dir: Path, tmp_path: Path
-) -> Callable[[], AbstractContextManager[Deployment]]:
-    def make() -> AbstractContextManager[Deployment]:
-        if request.param == "proxy":
-            upstream_process.reset(data=True)
-            return proxy_deployment(upstream_process, secrets_dir)
-        return middleware_deployment(secrets_dir, tmp_path)
-
-    return make
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line)["event"] for line in path.read_text().splitlines()]
 
 
 def assert_documented(events: list[dict[str, Any]]) -> None:
@@ -147,11 +115,11 @@ def test_every_phi_request_is_recorded_and_the_chain_verifies(
     assert denied["outcome"] == "refused" and denied["error"] == "authentication_required"
     text = deployment.audit_file.read_text()
     for secret in [canary, "123-45-6789", "123456789", PATIENT["dob"], 'au-1"']:
-        for form in forms(secret):
+        for form in leak_forms(secret).values():
             assert form not in text, f"{secret!r} leaked into the audit trail as {form!r}"
     assert "phi:" not in text  # no token either
     logged = caplog.text + "".join(r.getMessage() for r in caplog.records)
-    for form in forms(canary):
+    for form in leak_forms(canary).values():
         assert form not in logged
 
 

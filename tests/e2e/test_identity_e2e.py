@@ -36,17 +36,13 @@ from tests.e2e.conftest import (
     Deployment,
     ThreadServer,
     Upstream,
-    middleware_deployment,
     proxy_deployment,
+    read_events,
 )
 
 PATIENT = json.loads((Path(__file__).parents[1] / "samples" / "patient.json").read_text())
 ISSUER, AUDIENCE = "https://idp.example", "phi-gateway"
 IDP_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line)["event"] for line in path.read_text().splitlines()]
 
 
 def token(key: Any = IDP_KEY, algorithm: str = "RS256", **overrides: Any) -> str:
@@ -122,19 +118,6 @@ def test_a_gateway_verifying_jwts_lets_valid_tokens_through_and_audits_them(
         *[(None, 401, "invalid_credentials")] * 4,
         (None, 401, "authentication_required"),
     ]
-
-
-@pytest.fixture(params=["proxy", "middleware"])
-def deploy(
-    request: pytest.FixtureRequest, upstream_process: Upstream, secrets_dir: Path, tmp_path: Path
-) -> Callable[[], AbstractContextManager[Deployment]]:
-    def make() -> AbstractContextManager[Deployment]:
-        if request.param == "proxy":
-            upstream_process.reset(data=True)
-            return proxy_deployment(upstream_process, secrets_dir)
-        return middleware_deployment(secrets_dir, tmp_path)
-
-    return make
 
 
 def test_identity_headers_of_the_trusted_proxy_reach_the_upstream_as_sent(
