@@ -186,7 +186,7 @@ class Workload:
     async def read(self, pid: str, keys: DataKeyCache, store: dict[str, Any]) -> None:
         doc = orjson.loads(store[pid])  # the upstream's answer, freshly parsed
         scope = Scope({"patient_id": pid}, {})
-        report = await decrypt_response(doc, self.mode.get, scope, keys=keys, pepper=self.pepper)
+        report = await decrypt_response(doc, self.mode.get, scope, keys=keys, pepper=self.pepper, roles=None)
         assert sum(report.decrypted.values()) == 8, report.decrypted
 
     async def run(
@@ -464,7 +464,10 @@ async def _bursts(url: str, section: Section) -> None:
             docs = [copy.deepcopy(one_token) for _ in range(BURST)]
             scope = Scope({"patient_id": stored["id"]}, {})
             await asyncio.gather(
-                *(decrypt_response(doc, mode.get, scope, keys=reader, pepper=pepper) for doc in docs)
+                *(
+                    decrypt_response(doc, mode.get, scope, keys=reader, pepper=pepper, roles=None)
+                    for doc in docs
+                )
             )
             reads = counter.since(before)
             assert all(doc["ssn"] == "123-45-6789" for doc in docs)

@@ -224,7 +224,9 @@ def preview(
             out.append(f"query sent upstream: {new_query}")
         if doc is not None:
             if response and found.route.response:
-                await decrypt_response(doc, found.route.response, scope, keys=cache, pepper=peppers)
+                await decrypt_response(
+                    doc, found.route.response, scope, keys=cache, pepper=peppers, roles=None
+                )
                 if not show_plaintext:
                     _hide_decrypted(doc, found.route.response)
             elif found.route.request:

@@ -245,13 +245,14 @@ async def decrypt_response(
     *,
     keys: DataKeyCache,
     pepper: Pepper | None,
-    roles: frozenset[str] | None = None,
+    roles: frozenset[str] | None,
 ) -> Report:
     """Decrypt every token at the rule's paths in place, as far as ``roles`` may see it
-    (``reveal.plan``; None: everything); ``on_error`` decides what a token that does not
-    authenticate becomes (``fail`` raises ``InvalidToken``, ``redact`` → null). A data key
-    wrapped before a pepper rotation opens under an older version's pseudonyms
-    (``docs/pepper.md``), counted in ``stale_pepper``."""
+    (``reveal.plan``). ``roles=None`` reveals everything; there is no default, so no caller
+    reveals all by omission. ``on_error`` decides what a token that does not authenticate
+    becomes (``fail`` raises ``InvalidToken``, ``redact`` → null). A data key wrapped before
+    a pepper rotation opens under an older version's pseudonyms (``docs/pepper.md``),
+    counted in ``stale_pepper``."""
     report = Report()
     actions = reveal.plan(rule, roles)
     pending: list[tuple[Any, Any, str, envelope.Token, bytes, tuple[str, bytes, bytes]]] = []

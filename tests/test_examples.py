@@ -111,7 +111,7 @@ async def transform(
     cache = DataKeyCache(provider)
     if response:
         assert found.route.response is not None
-        await decrypt_response(doc, found.route.response, scope, keys=cache, pepper=pepper)
+        await decrypt_response(doc, found.route.response, scope, keys=cache, pepper=pepper, roles=None)
     else:
         assert found.route.request is not None
         await encrypt_request(doc, found.route.request, scope, keys=cache, pepper=pepper)

@@ -115,7 +115,7 @@ async def read(policies: PolicySet, cache: DataKeyCache, pepper: Pepper, doc: An
     found = policies.match("GET", path)
     assert found is not None and found.route.response is not None
     scope = Scope(found.params, TENANT)
-    return await decrypt_response(doc, found.route.response, scope, keys=cache, pepper=pepper)
+    return await decrypt_response(doc, found.route.response, scope, keys=cache, pepper=pepper, roles=None)
 
 
 @pytest.fixture

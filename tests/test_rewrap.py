@@ -153,7 +153,7 @@ async def read_back(
         found = policies.match("GET", f"/patients/{doc['id']}")
         assert found is not None and found.route.response is not None
         report = await decrypt_response(
-            plain, found.route.response, Scope(found.params, {}), keys=cache, pepper=pepper
+            plain, found.route.response, Scope(found.params, {}), keys=cache, pepper=pepper, roles=None
         )
         assert not report.redacted
         out.append(plain)
@@ -391,7 +391,7 @@ def test_per_policy_data_keys_are_rewrapped_once_and_reencrypt_makes_fresh_ones(
         assert response is not None and response.route.response is not None
         doc = [fresh[n] for n in others]
         await decrypt_response(
-            doc, response.route.response, Scope({}, {}), keys=DataKeyCache(kms), pepper=None
+            doc, response.route.response, Scope({}, {}), keys=DataKeyCache(kms), pepper=None, roles=None
         )
         return doc
 
@@ -574,7 +574,9 @@ async def test_the_library_splits_one_large_re_encryption_over_data_keys_within_
         "generate": 4,
         "unwrap": 1,
     }
-    await decrypt_response(fresh, read.route.response, Scope({}, {}), keys=DataKeyCache(keyring), pepper=None)
+    await decrypt_response(
+        fresh, read.route.response, Scope({}, {}), keys=DataKeyCache(keyring), pepper=None, roles=None
+    )
     assert fresh == notes
     unchanged = json.dumps(doc).encode()
     again = Rewrapper(keyring, read.route.response, Scope({}, {}), target)

@@ -130,6 +130,7 @@ async def test_round_trip_preserves_every_value_and_type(
         SCOPE,
         keys=DataKeyCache(provider),
         pepper=pepper,
+        roles=None,
     )
     assert {k: v for k, v in response.items() if not k.endswith("_bidx")} == PATIENT
     assert orjson.dumps(response["profile"]) == orjson.dumps(PATIENT["profile"])
@@ -167,12 +168,12 @@ async def test_token_moved_to_another_patient_tenant_or_field_fails(
     for scope in (Scope({"pid": "p-2"}, {"x-tenant": "north"}), Scope({"pid": "p-1"}, {"x-tenant": "south"})):
         with pytest.raises(InvalidToken):
             await decrypt_response(
-                copy.deepcopy(stored), get, scope, keys=DataKeyCache(keyring), pepper=pepper
+                copy.deepcopy(stored), get, scope, keys=DataKeyCache(keyring), pepper=pepper, roles=None
             )
     swapped = copy.deepcopy(stored)
     swapped["ssn"], swapped["profile"] = swapped["profile"], swapped["ssn"]
     with pytest.raises(InvalidToken):
-        await decrypt_response(swapped, get, SCOPE, keys=DataKeyCache(keyring), pepper=pepper)
+        await decrypt_response(swapped, get, SCOPE, keys=DataKeyCache(keyring), pepper=pepper, roles=None)
 
 
 async def test_on_error_redact_nulls_only_the_bad_field(
@@ -182,7 +183,9 @@ async def test_on_error_redact_nulls_only_the_bad_field(
     stored["ssn"] = stored["ssn"][:-4] + ("AAAA" if not stored["ssn"].endswith("AAAA") else "BBBB")
     stored["codes"][0] = "phi:garbage"
     lenient = rule(policies, "GET", "/lenient/p-1", "response")
-    report = await decrypt_response(stored, lenient, SCOPE, keys=DataKeyCache(keyring), pepper=pepper)
+    report = await decrypt_response(
+        stored, lenient, SCOPE, keys=DataKeyCache(keyring), pepper=pepper, roles=None
+    )
     assert stored["ssn"] is None and stored["codes"] == [None, 42, None]
     assert stored["profile"] == PATIENT["profile"]
     assert report.redacted == {"$.ssn": 1, "$.codes[*]": 1}
@@ -206,6 +209,7 @@ async def test_records_each_get_their_own_context(
         SCOPE,
         keys=DataKeyCache(keyring),
         pepper=pepper,
+        roles=None,
     )
     assert [r["ssn"] for r in listing] == ["3", "1", "2"]
     moved = [{"id": "a", "ssn": doc["items"][2]["ssn"]}]  # patient c's token under patient a's id
@@ -217,6 +221,7 @@ async def test_records_each_get_their_own_context(
             SCOPE,
             keys=DataKeyCache(keyring),
             pepper=pepper,
+            roles=None,
         )
 
 
@@ -230,7 +235,12 @@ async def test_per_policy_data_key_serves_many_patients_but_binds_each(
     notes[0]["text"], notes[1]["text"] = notes[1]["text"], notes[0]["text"]
     with pytest.raises(InvalidToken):
         await decrypt_response(
-            notes, rule(policies, "GET", "/notes", "response"), SCOPE, keys=DataKeyCache(keyring), pepper=None
+            notes,
+            rule(policies, "GET", "/notes", "response"),
+            SCOPE,
+            keys=DataKeyCache(keyring),
+            pepper=None,
+            roles=None,
         )
 
 
@@ -426,7 +436,12 @@ async def test_legacy_plaintext_at_a_decrypt_path_is_counted_not_touched(
 ) -> None:
     doc = [{"id": "a", "ssn": "123-45-6789"}, {"id": "b", "ssn": None}]
     report = await decrypt_response(
-        doc, rule(policies, "GET", "/patients", "response"), SCOPE, keys=DataKeyCache(keyring), pepper=pepper
+        doc,
+        rule(policies, "GET", "/patients", "response"),
+        SCOPE,
+        keys=DataKeyCache(keyring),
+        pepper=pepper,
+        roles=None,
     )
     assert doc[0]["ssn"] == "123-45-6789" and report.plaintext_seen == {"$.ssn": 1}
 
@@ -445,9 +460,9 @@ async def test_on_plaintext_refuses_values_that_are_not_tokens(
     )
     if on_plaintext == "fail":
         with pytest.raises(InvalidToken):
-            await decrypt_response(stored, strict, SCOPE, keys=cache, pepper=pepper)
+            await decrypt_response(stored, strict, SCOPE, keys=cache, pepper=pepper, roles=None)
         return
-    report = await decrypt_response(stored, strict, SCOPE, keys=cache, pepper=pepper)
+    report = await decrypt_response(stored, strict, SCOPE, keys=cache, pepper=pepper, roles=None)
     assert stored["ssn"] is None and stored["dob"] == "1970-01-01"
     assert report.redacted == {"$.ssn": 1} and report.plaintext_seen == {"$.ssn": 1}
 
@@ -549,3 +564,15 @@ async def test_restricted_fields_stay_masked_even_in_plaintext_or_selected_twice
     )
     assert doc == {"ssn": "*******6789", "ids": ["****", "public-2"]}
     assert report.plaintext_seen == {"$.ssn": 1, "$.ids[*]": 1}
+
+
+async def test_no_caller_reveals_everything_by_leaving_roles_out(
+    policies: PolicySet, provider: KeyProvider, pepper: Pepper
+) -> None:
+    """``roles=None`` (everything) must be said: left out, the call does not run."""
+    cache = DataKeyCache(provider)
+    stored = await put_patient(policies, cache, pepper, copy.deepcopy(PATIENT))
+    get = rule(policies, "GET", "/patients/p-1", "response")
+    with pytest.raises(TypeError, match="roles"):
+        await decrypt_response(stored, get, SCOPE, keys=cache, pepper=pepper)  # type: ignore[call-arg]
+    assert envelope.is_token(stored["ssn"])  # nothing was decrypted
