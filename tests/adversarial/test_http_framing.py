@@ -9,7 +9,6 @@ accepted one reaches it only as the gateway's own serialization, tokens in place
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import select
@@ -31,6 +30,7 @@ import pytest
 from phi_gateway import envelope
 from phi_gateway.audit_chain import load_chain_key, verify_chain
 from tests.e2e.conftest import Upstream, free_port, proxy_deployment, serve_env, wait_for_port
+from tests.raw_upstream import RawUpstream
 
 HEADER_TIMEOUT = 2  # seconds; lowered so slowloris is answered within the test
 AUTH = b"X-User: dr-framing\r\nX-Roles: clinician\r\n"
@@ -379,67 +379,23 @@ def test_connect_and_absolute_targets_are_refused(served: Served) -> None:
     assert served.upstream.received() == []
 
 
-class RawRecorder:
-    """An upstream that keeps the exact bytes of every request (the demo upstream records
-    headers as a dict, where a repeated header would hide its first copy)."""
-
-    def __init__(self) -> None:
-        self.requests: list[bytes] = []
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:  # keep-alive: the gateway pools its upstream connections
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    (
-                        int(line.split(b":", 1)[1])
-                        for line in head.split(b"\r\n")
-                        if line.lower().startswith(b"content-length:")
-                    ),
-                    0,
-                )
-                self.requests.append(head + await reader.readexactly(length))
-            except (asyncio.IncompleteReadError, ConnectionError):
-                break
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
-            await writer.drain()
-        writer.close()
-
-    def headers(self, n: int = 0) -> list[tuple[str, str]]:
-        lines = self.requests[n].split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")[1:]
-        return [(k.strip().lower(), v.strip()) for k, v in (line.split(":", 1) for line in lines)]
-
-    def __enter__(self) -> RawRecorder:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self.handle, "127.0.0.1", self.port), self.loop
-        ).result()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
-
 @pytest.fixture(scope="module")
-def recorded(secrets_dir: Path) -> Iterator[tuple[int, RawRecorder]]:
+def recorded(secrets_dir: Path) -> Iterator[tuple[int, RawUpstream]]:
     """The gateway (in-thread, the server options ``serve`` uses) in front of a raw recorder."""
     with (
-        RawRecorder() as recorder,
+        RawUpstream() as recorder,
         proxy_deployment(Upstream(f"http://127.0.0.1:{recorder.port}"), secrets_dir) as gateway,
     ):
         yield int(gateway.url.rsplit(":", 1)[1]), recorder
 
 
 def put_recorded(
-    recorded: tuple[int, RawRecorder], case: str, extra: bytes
+    recorded: tuple[int, RawUpstream], case: str, extra: bytes
 ) -> tuple[Reply, list[tuple[str, str]]]:
     """PUT a canary through the gateway; the headers the upstream got, after checking that
     it got exactly one request, tokens only, framed by the gateway."""
     port, recorder = recorded
-    recorder.requests.clear()
+    recorder.clear()
     ssn = canary(case)
     body = phi(ssn)
     raw = (
@@ -491,7 +447,7 @@ CONNECTION_CASES = [
     ("case", "connection", "extra", "gone", "kept"), CONNECTION_CASES, ids=[c[0] for c in CONNECTION_CASES]
 )
 def test_headers_named_in_connection_are_hop_by_hop_except_the_gateways_own(
-    recorded: tuple[int, RawRecorder],
+    recorded: tuple[int, RawUpstream],
     case: str,
     connection: str,
     extra: bytes,
@@ -511,7 +467,7 @@ def test_headers_named_in_connection_are_hop_by_hop_except_the_gateways_own(
         assert found["x-forwarded-for"] == "127.0.0.1"
 
 
-def test_client_copies_of_gateway_headers_are_replaced(recorded: tuple[int, RawRecorder]) -> None:
+def test_client_copies_of_gateway_headers_are_replaced(recorded: tuple[int, RawUpstream]) -> None:
     extra = (
         b"X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-For: 198.51.100.7\r\n"
         b"X-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: https\r\n"

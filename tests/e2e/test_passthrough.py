@@ -10,10 +10,8 @@ reach the app untouched.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,69 +28,10 @@ from phi_gateway.cache import DataKeyCache
 from phi_gateway.keyring import LocalKeyring
 from phi_gateway.middleware import PHIMiddleware
 from phi_gateway.policy import load_policies
-from tests.e2e.conftest import POLICIES, ThreadServer, Upstream, free_port, proxy_deployment
+from tests.e2e.conftest import POLICIES, ThreadServer, Upstream, proxy_deployment
+from tests.raw_upstream import RawUpstream
 
 BODY_TIMEOUT = 1.0  # seconds; short, so a stalled body is answered within the test
-
-
-class RawUpstream:
-    """A keep-alive HTTP/1.1 server on loopback that keeps the head of every request it
-    read whole, and the request line of every one whose connection closed mid-body."""
-
-    def __init__(self) -> None:
-        self.heads: list[bytes] = []
-        self.cut_off: list[bytes] = []
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError):
-                break
-            try:
-                await self.read_body(reader, head.lower())
-            except (asyncio.IncompleteReadError, ConnectionError, ValueError):
-                self.cut_off.append(head.split(b"\r\n", 1)[0])
-                break
-            self.heads.append(head)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
-            await writer.drain()
-        writer.close()
-
-    @staticmethod
-    async def read_body(reader: asyncio.StreamReader, head: bytes) -> None:
-        if b"\r\ntransfer-encoding: chunked\r\n" in head:
-            while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
-                await reader.readexactly(size + 2)
-            await reader.readuntil(b"\r\n")
-            return
-        for line in head.split(b"\r\n"):
-            if line.startswith(b"content-length:"):
-                await reader.readexactly(int(line.split(b":", 1)[1]))
-
-    def headers(self, n: int = -1) -> list[tuple[str, str]]:
-        lines = self.heads[n].decode("latin-1").split("\r\n")[1:]
-        return [(k.strip().lower(), v.strip()) for k, v in (line.split(":", 1) for line in lines if line)]
-
-    def target(self, n: int = -1) -> str:
-        return self.heads[n].split(b" ", 2)[1].decode("latin-1")
-
-    def clear(self) -> None:
-        self.heads.clear()
-        self.cut_off.clear()
-
-    def __enter__(self) -> RawUpstream:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self.handle, "127.0.0.1", self.port), self.loop
-        ).result()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +88,7 @@ def test_a_stalled_pass_through_body_gets_408_and_frees_the_upstream_connection(
     # The pool's one connection is free: the next request is served.
     with httpx.Client(base_url=url, timeout=5) as client:
         assert client.get("/after").status_code == 200
-    assert [upstream.target(n) for n in range(len(upstream.heads))] == ["/after"]
+    assert [upstream.target(n) for n in range(len(upstream.requests))] == ["/after"]
     # A body that had started upstream was cut off there, not left waiting.
     assert upstream.cut_off == ([b"PUT /unmatched HTTP/1.1"] if sent else [])
 
