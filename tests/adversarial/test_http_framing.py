@@ -30,7 +30,7 @@ import pytest
 from phi_gateway import envelope
 from phi_gateway.audit_chain import load_chain_key, verify_chain
 from tests.e2e.conftest import Upstream, free_port, proxy_deployment, serve_env, wait_for_port
-from tests.raw_upstream import RawUpstream
+from tests.loopback import RawUpstream
 
 HEADER_TIMEOUT = 2  # seconds; lowered so slowloris is answered within the test
 AUTH = b"X-User: dr-framing\r\nX-Roles: clinician\r\n"

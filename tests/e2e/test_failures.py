@@ -13,7 +13,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,19 +42,18 @@ from tests.e2e.conftest import (
     serve_env,
     wait_for_port,
 )
+from tests.loopback import LoopbackServer
 
 PATIENT = json.loads((Path(__file__).parents[1] / "samples" / "patient.json").read_text())
 
 
-class FakeUpstream:
+class FakeUpstream(LoopbackServer):
     """A TCP server on loopback that misbehaves as told, counting connections."""
 
     def __init__(self, behaviour: str) -> None:
+        super().__init__()
         self.behaviour = behaviour
         self.requests: list[bytes] = []
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -86,20 +84,6 @@ class FakeUpstream:
             )
             await writer.drain()
         writer.close()
-
-    def __enter__(self) -> FakeUpstream:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self.handle, "127.0.0.1", self.port), self.loop
-        ).result()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
 
 @pytest.mark.parametrize(

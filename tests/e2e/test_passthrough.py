@@ -29,7 +29,7 @@ from phi_gateway.keyring import LocalKeyring
 from phi_gateway.middleware import PHIMiddleware
 from phi_gateway.policy import load_policies
 from tests.e2e.conftest import POLICIES, ThreadServer, Upstream, proxy_deployment
-from tests.raw_upstream import RawUpstream
+from tests.loopback import RawUpstream
 
 BODY_TIMEOUT = 1.0  # seconds; short, so a stalled body is answered within the test
 

@@ -1,24 +1,51 @@
-"""An upstream on loopback that keeps the exact bytes of every request (the demo upstream
-records headers as a dict, where a repeated header would hide its first copy), and the
-request line of every one whose connection closed mid-body."""
+"""Raw TCP servers on loopback for tests that need an upstream misbehaving, or recording,
+below HTTP libraries: each runs its own event loop in a thread."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Self
 
 from tests.e2e.conftest import free_port
 
 
-class RawUpstream:
-    """A keep-alive HTTP/1.1 server answering every request ``200 {}``."""
+class LoopbackServer:
+    """Serves ``handle`` on 127.0.0.1:``port`` from ``with`` to its end."""
 
     def __init__(self) -> None:
-        self.requests: list[bytes] = []  # head and body, as read
-        self.cut_off: list[bytes] = []
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self.handle, "127.0.0.1", self.port), self.loop
+        ).result()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+class RawUpstream(LoopbackServer):
+    """A keep-alive HTTP/1.1 server answering every request ``200 {}``, keeping the exact
+    bytes of each (the demo upstream records headers as a dict, where a repeated header
+    would hide its first copy), and the request line of each whose connection closed
+    mid-body."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[bytes] = []  # head and body, as read
+        self.cut_off: list[bytes] = []
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:  # keep-alive: the gateway pools its upstream connections
@@ -64,13 +91,3 @@ class RawUpstream:
     def clear(self) -> None:
         self.requests.clear()
         self.cut_off.clear()
-
-    def __enter__(self) -> RawUpstream:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self.handle, "127.0.0.1", self.port), self.loop
-        ).result()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
