@@ -16,14 +16,14 @@ from starlette.types import Scope as AsgiScope
 
 from phi_gateway import envelope
 from phi_gateway.cache import DataKeyCache
-from phi_gateway.context import Context
 from phi_gateway.exceptions import InvalidToken
-from phi_gateway.keys import DataKey, KeyProvider
+from phi_gateway.keys import KeyProvider
 from phi_gateway.middleware import PHIMiddleware
 from phi_gateway.pepper import Pepper
 from phi_gateway.policy import load_policies
 from phi_gateway.rules import PolicySet
 from phi_gateway.transform import Scope, decrypt_response, encrypt_request
+from tests.recording_keys import RecordingKeys
 
 ROOT = Path(__file__).parents[1]
 SAMPLES = Path(__file__).parent / "samples"
@@ -63,26 +63,6 @@ def phi_strings(doc: Any, inside: bool = False) -> set[str]:
     elif isinstance(doc, str) and inside and len(doc) >= 3:
         found.add(doc)
     return found
-
-
-class Recording:
-    """A real provider, with every KMS-side context it was asked for written down."""
-
-    def __init__(self, inner: KeyProvider) -> None:
-        self.inner = inner
-        self.contexts: list[dict[str, str]] = []
-        self.default_master_key = inner.default_master_key
-
-    async def generate_data_key(self, master_key: str, context: Context) -> DataKey:
-        self.contexts.append(dict(context))
-        return await self.inner.generate_data_key(master_key, context)
-
-    async def decrypt_data_key(self, key_ref: str, wrapped: bytes, context: Context) -> DataKey:
-        self.contexts.append(dict(context))
-        return await self.inner.decrypt_data_key(key_ref, wrapped, context)
-
-    async def rewrap(self, *args: Any, **kwargs: Any) -> tuple[str, bytes]:
-        return await self.inner.rewrap(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -136,14 +116,16 @@ def assert_no_plaintext(stored: Any, original: Any) -> None:
 
 async def test_patient_put_then_get(policies: PolicySet, provider: KeyProvider, pepper: Pepper) -> None:
     original = sample("patient.json")
-    recording = Recording(provider)
+    recording = RecordingKeys(provider)
     stored = await transform(
         policies, "PUT", "/patients/p-1001", copy.deepcopy(original), recording, pepper, response=False
     )
     assert_no_plaintext(stored, original)
     assert {"ssn_bidx", "phone_bidx", "name_dob_bidx"} <= stored.keys()
     assert all(envelope.is_token(d["code"]) for d in stored["diagnoses"])
-    assert not any("p-1001" in value for ctx in recording.contexts for value in ctx.values())  # pseudonymized
+    assert not any(
+        "p-1001" in value for ctx in recording.generated + recording.unwrapped for value in ctx.values()
+    )  # pseudonymized
     back = await transform(
         policies, "GET", "/patients/p-1001", copy.deepcopy(stored), recording, pepper, response=True
     )

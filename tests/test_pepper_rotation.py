@@ -14,15 +14,15 @@ import httpx
 import pytest
 
 from phi_gateway.cache import DataKeyCache
-from phi_gateway.context import Context
 from phi_gateway.demo_upstream import create_upstream
 from phi_gateway.exceptions import InvalidToken
-from phi_gateway.keys import DataKey, KeyProvider
+from phi_gateway.keys import KeyProvider
 from phi_gateway.pepper import Pepper
 from phi_gateway.policy import load_policies
 from phi_gateway.rules import PolicySet
 from phi_gateway.search import rewrite_query
 from phi_gateway.transform import Report, Scope, decrypt_response, encrypt_request
+from tests.recording_keys import RecordingKeys
 
 # Index names are the demo upstream's columns, so its SQLite search can be used as is.
 POLICY = """
@@ -128,25 +128,6 @@ async def upstream() -> AsyncIterator[httpx.AsyncClient]:
 async def store(upstream: httpx.AsyncClient, record: dict[str, Any]) -> None:
     response = await upstream.put(f"/patients/{record['id']}", json=record)
     assert response.status_code == 200
-
-
-class Recording:
-    """A key provider that notes the KMS context of every unwrap it is asked for."""
-
-    def __init__(self, inner: KeyProvider) -> None:
-        self.inner = inner
-        self.unwraps: list[dict[str, str]] = []
-
-    @property
-    def default_master_key(self) -> str:
-        return self.inner.default_master_key
-
-    async def generate_data_key(self, master_key: str, context: Context) -> DataKey:
-        return await self.inner.generate_data_key(master_key, context)
-
-    async def decrypt_data_key(self, key_ref: str, wrapped: bytes, context: Context) -> DataKey:
-        self.unwraps.append(dict(context))
-        return await self.inner.decrypt_data_key(key_ref, wrapped, context)
 
 
 # Searches
@@ -285,12 +266,12 @@ async def test_a_listing_mixes_old_and_new_tokens(policies: PolicySet, provider:
 
 async def test_fallback_tries_other_versions_newest_first(policies: PolicySet, keyring: KeyProvider) -> None:
     old = await write(policies, keyring, BEFORE, "/patients/p-1")
-    recording = Recording(keyring)
+    recording = RecordingKeys(keyring)
     latest = Pepper({1: SECRET_V1, 2: SECRET_V2, 3: SECRET_V3}, current=3)
     doc = copy.deepcopy(old)
     report = await read(policies, DataKeyCache(recording), latest, doc, "/patients/p-1")
     assert doc["ssn"] == PATIENT["ssn"] and report.stale_pepper == 1
-    tried = [u["ResourceId"] for u in recording.unwraps]
+    tried = [u["ResourceId"] for u in recording.unwrapped]
     assert tried == [latest.pseudonymizer("rotation", v).pseudonym("ResourceId", "p-1") for v in (3, 2, 1)]
 
 

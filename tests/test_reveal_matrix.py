@@ -16,14 +16,13 @@ from typing import Any
 import pytest
 
 from phi_gateway.cache import DataKeyCache
-from phi_gateway.context import Context
 from phi_gateway.exceptions import InvalidToken
 from phi_gateway.identity import Identity, IdentitySettings
 from phi_gateway.keyring import LocalKeyring
-from phi_gateway.keys import DataKey
 from phi_gateway.policy import load_policies
 from phi_gateway.rules import PolicySet
 from phi_gateway.transform import Scope, decrypt_response, encrypt_request
+from tests.recording_keys import RecordingKeys
 
 # Field → (member, value). Every field but $.dob has a reveal rule; $.codes[*] selects each
 # element of an array.
@@ -109,28 +108,6 @@ def policies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, PolicySet]:
     return loaded
 
 
-class CountingKeys:
-    """The local keyring, counting every data key it unwraps."""
-
-    def __init__(self, inner: LocalKeyring) -> None:
-        self.inner = inner
-        self.unwrapped = 0
-
-    @property
-    def default_master_key(self) -> str:
-        return self.inner.default_master_key
-
-    async def generate_data_key(self, master_key: str, context: Context) -> DataKey:
-        return await self.inner.generate_data_key(master_key, context)
-
-    async def decrypt_data_key(self, key_ref: str, wrapped: bytes, context: Context) -> DataKey:
-        self.unwrapped += 1
-        return await self.inner.decrypt_data_key(key_ref, wrapped, context)
-
-    async def rewrap(self, *args: Any, **kwargs: Any) -> tuple[str, bytes]:
-        raise AssertionError("reading never re-wraps")
-
-
 IDENTITY = Identity(
     IdentitySettings(
         principal_header="x-user",
@@ -188,12 +165,13 @@ async def test_reveal_matrix(
     plaintext = allowed or field == "$.dob"
 
     async def read(doc: dict[str, Any]) -> tuple[dict[str, Any], Any, int]:
-        keys = CountingKeys(keyring)
+        keys = RecordingKeys(keyring)
         doc = copy.deepcopy(doc)
         report = await decrypt_response(
             doc, get, Scope({"pid": "p-1"}, {}), keys=DataKeyCache(keys), pepper=None, roles=roles
         )
-        return doc, report, keys.unwrapped
+        assert keys.rewraps == 0  # reading never re-wraps
+        return doc, report, len(keys.unwrapped)
 
     shown, report, unwrapped = await read(genuine)
     if plaintext:
