@@ -117,7 +117,7 @@ class Exchange:
                 self.principal = identity.break_glass(self.principal, self.headers)
             if self.principal is None and self.route.require_principal:
                 raise HTTPError(401, "authentication_required", "this route needs an authenticated caller")
-            if self._repeated(self._context_headers()):
+            if self._repeated(self.route.context_headers):
                 raise HTTPError(
                     400, "header_ambiguous", "a header the encryption context is taken from must appear once"
                 )
@@ -302,12 +302,6 @@ class Exchange:
         wanted = {name.encode() for name in names}
         seen = [k.lower() for k, _ in self.scope["headers"] if k.lower() in wanted]
         return len(seen) != len(set(seen))
-
-    def _context_headers(self) -> set[str]:
-        """The headers this route's encryption contexts take values from."""
-        specs = [self.route.request.context if self.route.request else None]
-        specs.append(self.route.response.context if self.route.response else None)
-        return {e.value for spec in specs if spec for e in spec.entries if e.source == "header"}
 
     def outcome(self) -> str:
         if self.error_code in ("aborted", "cancelled", "client_gone"):

@@ -136,6 +136,13 @@ class _Compiler:
             response=response,
             file=self.doc.file,
             line=self.doc.line(loc),
+            context_headers=frozenset(
+                e.value
+                for spec in (request and request.context, response and response.context)
+                if spec
+                for e in spec.entries
+                if e.source == "header"
+            ),
         )
 
     def context(

@@ -140,6 +140,8 @@ class Route:
     response: ResponseRule | None
     file: str
     line: int
+    # The headers its encryption contexts read (lower case): each must appear once.
+    context_headers: frozenset[str] = frozenset()
 
     def __str__(self) -> str:
         return f"{'|'.join(sorted(self.methods))} {self.template.text} ({self.file}:{self.line})"
